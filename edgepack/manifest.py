@@ -1,0 +1,120 @@
+"""`manifest.json`: the contract between a build directory and everything after it.
+
+Deploy and the on-device agent rely on `artifacts[*].path / sha256 / format / precision`, on
+`inputs` (name, shape, dtype, layout) and on `target`. Bench results land next to it in
+`bench/`. Bump SCHEMA when a field changes meaning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .errors import EdgepackError
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+
+
+class TensorSpec(BaseModel):
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+    layout: str | None = None  # "NCHW" / "NHWC" for images, None otherwise
+
+
+class LatencyMs(BaseModel):
+    p50: float
+    p90: float
+    p99: float | None = None
+    mean: float | None = None
+    runs: int | None = None
+    threads: int | None = None
+    measured_on: str | None = None  # machine arch; a latency measured off-target is not judged
+
+
+class ArtifactMetrics(BaseModel):
+    accuracy: float | None = None  # top-1 on labelled eval data, in percent
+    agreement: float | None = None  # top-1 agreement with the float reference, in percent
+    max_abs_diff: float | None = None
+    cosine: float | None = None
+    latency_ms: LatencyMs | None = None
+    size_mb: float | None = None
+
+
+class Artifact(BaseModel):
+    path: str  # relative to the build directory
+    format: str  # "onnx" | "tflite"
+    precision: str  # "fp32" | "int8"
+    sha256: str
+    size_bytes: int
+    layout: str | None = "NCHW"
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    metrics: ArtifactMetrics = ArtifactMetrics()
+    notes: list[str] = []
+
+
+class Verdict(BaseModel):
+    budget: str
+    limit: float | None
+    value: float | None
+    ok: bool | None  # None: not judged (no figure, or measured off-target)
+    artifact: str | None = None
+    note: str | None = None
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA
+    edgepack_version: str
+    name: str
+    created: str
+    target: dict[str, Any]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    artifacts: list[Artifact]
+    primary: str  # path of the artifact that is judged and deployed first
+    verdicts: list[Verdict] = []
+    passed: bool = True
+    stages: dict[str, Any] = {}  # per-stage records (prune, export, quantize, fallback, ...)
+    versions: dict[str, str] = {}
+    config_hash: str = ""
+    data_hash: str = ""
+    bench: list[dict[str, Any]] = Field(default_factory=list)  # device results, appended by bench
+
+    def artifact(self, path: str) -> Artifact:
+        for a in self.artifacts:
+            if a.path == path:
+                return a
+        raise KeyError(path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(build_dir: Path) -> Manifest:
+    path = Path(build_dir) / MANIFEST
+    if not path.exists():
+        raise EdgepackError(f"{build_dir} is not an edgepack build directory (no {MANIFEST})",
+                            "run `edgepack build` first and pass the directory it printed")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except Exception as e:
+        raise EdgepackError(f"{path} is corrupt or from an incompatible edgepack: {e}",
+                            "rebuild with `edgepack build`") from e
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
+    tmp.write_text(text + "\n")
+    tmp.replace(path)

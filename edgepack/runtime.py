@@ -1,0 +1,152 @@
+"""Run ONNX and TFLite models the same way: arrays in, arrays out, a thread count.
+
+This file is self-contained on purpose (numpy plus whichever runtime is installed): it is
+copied next to the on-device agent, which must not import edgepack. Keep it that way.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class RuntimeMissing(RuntimeError):
+    pass
+
+
+class Runner:
+    """A loaded model. `run(list_of_arrays) -> list_of_arrays` in the model's own input order."""
+
+    format: str
+    backend: str
+    backend_version: str
+    input_names: list[str]
+    input_shapes: list[list]
+    input_dtypes: list[str]
+    output_names: list[str]
+
+    def run(self, inputs):
+        raise NotImplementedError
+
+    def __call__(self, *inputs):
+        return self.run(list(inputs))
+
+
+class OnnxRunner(Runner):
+    format = "onnx"
+
+    def __init__(self, path, threads: int = 1, profile: bool = False):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - depends on the device
+            raise RuntimeMissing("onnxruntime is not installed (pip install onnxruntime)") from e
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning worker threads made 2 threads slower than 1 on loaded machines (FACTS.md).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        if profile:
+            so.enable_profiling = True
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.backend, self.backend_version = "onnxruntime", ort.__version__
+        ins = self.session.get_inputs()
+        self.input_names = [i.name for i in ins]
+        self.input_shapes = [list(i.shape) for i in ins]
+        self.input_dtypes = [_ort_type(i.type) for i in ins]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs):
+        feed = {n: np.asarray(a, dtype=d) for n, a, d in zip(self.input_names, inputs, self.input_dtypes)}
+        return self.session.run(None, feed)
+
+    def end_profiling(self) -> str | None:
+        return self.session.end_profiling()
+
+
+def _ort_type(t: str) -> str:
+    return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+            "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+            "tensor(bool)": "bool"}.get(t, t)
+
+
+def _tflite_interpreter_class():
+    """ai-edge-litert first (numpy 2); tflite_runtime for older images that only have it."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        import ai_edge_litert
+        return Interpreter, "ai-edge-litert", getattr(ai_edge_litert, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+        import tflite_runtime
+        return Interpreter, "tflite-runtime", getattr(tflite_runtime, "__version__", "unknown")
+    except ImportError as e:
+        raise RuntimeMissing(
+            "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime on numpy<2 systems)") from e
+
+
+class TFLiteRunner(Runner):
+    format = "tflite"
+
+    def __init__(self, path, threads: int = 1, profile: bool = False):
+        Interpreter, self.backend, self.backend_version = _tflite_interpreter_class()
+        self.interpreter = Interpreter(model_path=str(path), num_threads=int(threads))
+        self.interpreter.allocate_tensors()
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        self.input_names = [d["name"] for d in self._in]
+        self.input_shapes = [list(int(s) for s in d["shape"]) for d in self._in]
+        self.input_dtypes = [np.dtype(d["dtype"]).name for d in self._in]
+        self.output_names = [d["name"] for d in self._out]
+
+    def run(self, inputs):
+        for d, a in zip(self._in, inputs):
+            a = np.asarray(a)
+            scale, zero = d.get("quantization", (0.0, 0))
+            if np.issubdtype(d["dtype"], np.integer) and scale and a.dtype.kind == "f":
+                # Integer-input model fed with float data: quantize with the tensor's own params.
+                info = np.iinfo(d["dtype"])
+                a = np.clip(np.round(a / scale + zero), info.min, info.max)
+            self.interpreter.set_tensor(d["index"], np.ascontiguousarray(a, dtype=d["dtype"]))
+        self.interpreter.invoke()
+        outs = []
+        for d in self._out:
+            o = self.interpreter.get_tensor(d["index"]).copy()
+            scale, zero = d.get("quantization", (0.0, 0))
+            if np.issubdtype(d["dtype"], np.integer) and scale:
+                o = (o.astype(np.float32) - zero) * scale
+            outs.append(o)
+        return outs
+
+
+def open_model(path, threads: int = 1, profile: bool = False) -> Runner:
+    """Open a `.onnx` or `.tflite` file with the matching runtime."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return OnnxRunner(path, threads, profile)
+    if suffix == ".tflite":
+        return TFLiteRunner(path, threads, profile)
+    raise ValueError(f"{path}: unknown model format {suffix!r} (expected .onnx or .tflite)")
+
+
+def available_runtimes() -> dict:
+    """Which runtimes import here, with versions: used by device checks and the agent."""
+    found = {}
+    try:
+        import onnxruntime
+        found["onnxruntime"] = onnxruntime.__version__
+    except Exception:
+        pass
+    try:
+        _, name, version = _tflite_interpreter_class()
+        found[name] = version
+    except Exception:
+        pass
+    found["numpy"] = np.__version__
+    found["cpu_count"] = os.cpu_count()
+    return found

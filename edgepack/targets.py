@@ -1,0 +1,112 @@
+"""Target profiles: `targets/*.toml` files, validated on load.
+
+A profile says what the device is (arch, runtime, threads), how to quantize for it and what the
+artifact must fit (budgets). Users add their own with `--targets-dir DIR` (searched first).
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import EdgepackError
+
+_PACKAGE = Path(__file__).resolve().parent
+BUILTIN_DIRS = [_PACKAGE.parent / "targets", _PACKAGE / "_data" / "targets"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=False)
+
+
+class Quantization(Strict):
+    activation_type: Literal["QInt8", "QUInt8"] = "QUInt8"
+    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    per_channel: bool = True
+    calibration_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
+    calibration_samples: int = Field(256, ge=1)
+    percentile: float = Field(99.999, gt=90, le=100)
+
+
+class Budgets(Strict):
+    latency_p50_ms: float | None = Field(None, gt=0)
+    latency_p90_ms: float | None = Field(None, gt=0)
+    peak_memory_mb: float | None = Field(None, gt=0)
+    size_mb: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1 (or agreement)")
+
+
+class TargetProfile(Strict):
+    name: str
+    description: str = ""
+    arch: Literal["x86_64", "aarch64", "armv7l"]
+    runtime: Literal["onnxruntime", "tflite"]
+    formats: list[Literal["onnx", "tflite"]] = ["onnx"]
+    threads: int = Field(1, ge=1, le=256)
+    simd_width: int = Field(8, ge=1, le=64)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    tflite_optional: bool = False
+    quantization: Quantization = Quantization()
+    budgets: Budgets = Budgets()
+    source: str | None = Field(None, exclude=True)
+
+    @property
+    def primary_format(self) -> str:
+        return "tflite" if self.runtime == "tflite" and "tflite" in self.formats else "onnx"
+
+
+def _search_dirs(extra: list[Path] | None) -> list[Path]:
+    dirs = [Path(d) for d in (extra or [])]
+    return dirs + [d for d in BUILTIN_DIRS if d.is_dir()]
+
+
+def load_profile_file(path: Path) -> TargetProfile:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise EdgepackError(f"cannot read target profile {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise EdgepackError(f"target profile {path} is not valid TOML: {e}") from e
+    data.setdefault("name", Path(path).stem)
+    try:
+        profile = TargetProfile.model_validate(data)
+    except ValidationError as e:
+        raise EdgepackError(f"target profile {path} is invalid:\n{format_validation(e)}",
+                            "fix the fields named above; `edgepack targets show x86` prints a valid profile") from e
+    profile.source = str(path)
+    return profile
+
+
+def list_profiles(extra_dirs: list[Path] | None = None) -> dict[str, TargetProfile]:
+    """All profiles by name; a user directory shadows a built-in profile of the same name."""
+    found: dict[str, TargetProfile] = {}
+    for d in _search_dirs(extra_dirs):
+        if not d.is_dir():
+            raise EdgepackError(f"targets directory {d} does not exist")
+        for f in sorted(d.glob("*.toml")):
+            p = load_profile_file(f)
+            found.setdefault(p.name, p)
+    return found
+
+
+def load_profile(name_or_path: str | Path, extra_dirs: list[Path] | None = None) -> TargetProfile:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return load_profile_file(p)
+    profiles = list_profiles(extra_dirs)
+    if str(name_or_path) not in profiles:
+        known = ", ".join(sorted(profiles)) or "(none)"
+        raise EdgepackError(f"unknown target {name_or_path!r}; known targets: {known}",
+                            "pick one of those, or pass --targets-dir DIR with your own NAME.toml")
+    return profiles[str(name_or_path)]
+
+
+def format_validation(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
