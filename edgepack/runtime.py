@@ -150,3 +150,27 @@ def available_runtimes() -> dict:
     found["numpy"] = np.__version__
     found["cpu_count"] = os.cpu_count()
     return found
+
+
+def time_runs(runner: Runner, inputs, warmup: int = 10, runs: int = 50) -> dict:
+    """Latency statistics in milliseconds: first run, then warm-up, then `runs` timed calls."""
+    import time
+    t0 = time.perf_counter()
+    runner.run(inputs)
+    first = (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup):
+        runner.run(inputs)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        runner.run(inputs)
+        times[i] = time.perf_counter() - t0
+    times *= 1e3
+    return {
+        "first_ms": first,
+        "min": float(times.min()), "p50": float(np.percentile(times, 50)),
+        "p90": float(np.percentile(times, 90)), "p99": float(np.percentile(times, 99)),
+        "max": float(times.max()), "mean": float(times.mean()), "std": float(times.std()),
+        "runs": int(runs), "warmup": int(warmup),
+        "throughput_per_s": float(1e3 / times.mean()),
+    }
