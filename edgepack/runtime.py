@@ -174,3 +174,54 @@ def time_runs(runner: Runner, inputs, warmup: int = 10, runs: int = 50) -> dict:
         "runs": int(runs), "warmup": int(warmup),
         "throughput_per_s": float(1e3 / times.mean()),
     }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (VmHWM), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def random_inputs(runner: Runner, seed: int = 0) -> list:
+    """Inputs shaped like the model's (dynamic axes become 1), for timing runs."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for shape, dtype in zip(runner.input_shapes, runner.input_dtypes):
+        shape = [s if isinstance(s, int) and s > 0 else 1 for s in shape]
+        if np.dtype(dtype).kind == "f":
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 10, shape).astype(dtype))
+    return arrays
+
+
+def measure_file(path, threads: int = 1, warmup: int = 10, runs: int = 50) -> dict:
+    """Load time, first run, latency statistics and peak memory of one model in this process."""
+    import time
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    runner = open_model(path, threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    stats = time_runs(runner, random_inputs(runner), warmup, runs)
+    return {"load_ms": load_ms, "latency_ms": stats, "peak_rss_mb": peak_rss_mb(),
+            "baseline_rss_mb": base, "threads": threads, "backend": runner.backend,
+            "backend_version": runner.backend_version}
+
+
+if __name__ == "__main__":  # python runtime.py MODEL [threads warmup runs] -> one JSON line
+    import json
+    import sys
+    args = sys.argv[1:]
+    if not args:
+        sys.exit("usage: python runtime.py MODEL [threads] [warmup] [runs]")
+    nums = [int(a) for a in args[1:4]] + [1, 10, 50][len(args[1:4]):]
+    print(json.dumps(measure_file(args[0], *nums)))
