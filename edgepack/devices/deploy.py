@@ -1,0 +1,218 @@
+"""Deploy a build directory to a device: check, upload only what changed, verify, swap.
+
+On the device: `<workdir>/<build name>/` holds the artifacts, manifest.json, agent.py and
+runtime.py. It is a symlink to a complete, verified release that is swapped in one rename, so
+an interrupted deploy leaves the previous deployment exactly as it was (see device_ops.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..manifest import MANIFEST, Manifest, read_manifest, sha256_file
+from . import device_ops
+from .errors import DeviceError
+from .inventory import Device
+from .transport import Transport, connect
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+AGENT_FILES = {"agent.py": _PACKAGE / "agent.py", "runtime.py": _PACKAGE / "runtime.py"}
+_OPS_SOURCE = Path(device_ops.__file__).read_text()
+DISK_MARGIN = 64 * 1024  # directory entries, the symlink, filesystem rounding
+
+# What must import on the device to run an artifact format, and how to install it there.
+RUNTIME_MODULES = {
+    "onnx": [["numpy"], ["onnxruntime"]],
+    "tflite": [["numpy"], ["ai_edge_litert.interpreter", "tflite_runtime.interpreter"]],
+}
+INSTALL = {"numpy": "numpy", "onnxruntime": "onnxruntime",
+           "ai_edge_litert.interpreter": "ai-edge-litert  (numpy 2; or tflite-runtime on numpy<2 images)",
+           "tflite_runtime.interpreter": "tflite-runtime"}
+_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64", "armv7": "armv7l", "armhf": "armv7l"}
+
+Progress = Callable[[str], None]
+
+
+def device_op(t: Transport, op: str, args: dict, timeout: float | None = 300) -> dict:
+    """Run one device_ops operation with the device's python and return its JSON answer."""
+    r = t.run(t.python("-c", _OPS_SOURCE, op, json.dumps(args)), timeout=timeout)
+    dev = t.device
+    if r.rc == 127 or "No such file or directory" in r.stderr and not r.stdout.strip():
+        raise DeviceError(f"device {dev.name}: python {dev.python_cmd!r} was not found on the device "
+                          f"({r.stderr.strip()[-200:]})",
+                          f"install python3 there, or set python = \"/path/to/python3\" in {dev.source}")
+    try:
+        answer = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise DeviceError(f"device {dev.name}: `{op}` with {dev.python_cmd} failed (exit {r.rc}): "
+                          f"{(r.stderr or r.stdout).strip()[-500:]}",
+                          "the device's python must be Python 3.8 or newer") from None
+    if r.rc != 0 or answer.get("ok") is False and "error" in answer:
+        raise DeviceError(f"device {dev.name}: `{op}` failed on the device: {answer.get('error', answer)}",
+                          "check the workdir's permissions and free space on the device")
+    return answer
+
+
+def normalize_arch(machine: str) -> str:
+    return _ARCH_ALIASES.get(machine.lower(), machine.lower())
+
+
+def required_modules(formats: set[str]) -> list[list[str]]:
+    """Alternatives per requirement: each inner list needs one importable module."""
+    reqs: list[list[str]] = []
+    for fmt in sorted(formats):
+        for alt in RUNTIME_MODULES.get(fmt, []):
+            if alt not in reqs:
+                reqs.append(alt)
+    return reqs
+
+
+def probe(t: Transport, formats: set[str] | None = None) -> dict:
+    formats = formats if formats is not None else set(RUNTIME_MODULES)
+    modules = sorted({m for alt in required_modules(formats) for m in alt})
+    # Importing a runtime under emulation takes a while; allow for it.
+    return device_op(t, "probe", {"workdir": t.device.workdir, "modules": modules}, timeout=600)
+
+
+def problems(device: Device, info: dict, formats: set[str]) -> list[tuple[str, str]]:
+    """(problem, how to fix) pairs found by a probe: wrong arch, missing runtime modules."""
+    found = []
+    want = device.profile().arch
+    got = normalize_arch(info["machine"])
+    if got != want:
+        found.append((f"architecture is {info['machine']} but target {device.target!r} is {want}",
+                      f"use a device file with a {got} target, or fix target in {device.source}"))
+    py = device.python_cmd
+    for alt in required_modules(formats):
+        if not any(info["modules"].get(m, {}).get("ok") for m in alt):
+            errs = "; ".join(f"{m}: {info['modules'].get(m, {}).get('error', 'not checked')}" for m in alt)
+            pkg = INSTALL[alt[0]]
+            found.append((f"{' or '.join(alt)} cannot be imported by {py} ({errs})",
+                          f"on the device run: {py} -m pip install {pkg}"))
+    if not info.get("writable", True):
+        found.append((f"workdir {info['workdir']} is not writable", f"fix workdir in {device.source}"))
+    return found
+
+
+def _raise_problems(device: Device, found: list[tuple[str, str]]) -> None:
+    if found:
+        msg = "\n".join(f"  - {p}" for p, _ in found)
+        hint = "; ".join(h for _, h in found)
+        raise DeviceError(f"device {device.name} ({device.where()}) cannot run this build:\n{msg}", hint)
+
+
+def local_files(build_dir: Path, manifest: Manifest) -> dict[str, dict]:
+    """Everything to deploy: rel path -> {source (Path or bytes), sha256, size}."""
+    files: dict[str, dict] = {}
+    for a in manifest.artifacts:
+        src = build_dir / a.path
+        if not src.is_file():
+            raise DeviceError(f"artifact {a.path} listed in {build_dir / MANIFEST} is missing",
+                              "rebuild with `edgepack build`")
+        digest = sha256_file(src)
+        if digest != a.sha256:
+            raise DeviceError(f"artifact {src} does not match its sha256 in {build_dir / MANIFEST}: "
+                              "it was modified after the build", "rebuild with `edgepack build`")
+        files[a.path] = {"source": src, "sha256": digest, "size": src.stat().st_size}
+    # The manifest changes while benchmarks append to it: send the exact bytes we hashed.
+    data = (build_dir / MANIFEST).read_bytes()
+    files[MANIFEST] = {"source": data, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    for rel, src in AGENT_FILES.items():
+        files[rel] = {"source": src, "sha256": sha256_file(src), "size": src.stat().st_size}
+    return files
+
+
+def check_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise DeviceError(f"build name {name!r} cannot be used as a directory name on the device",
+                          "rebuild with a name made of letters, digits, '.', '_' and '-'")
+    return name
+
+
+def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Progress | None = None,
+                formats: set[str] | None = None) -> dict:
+    """Deploy over an open transport. `formats`: runtimes that must be present (default: the
+    primary artifact's format)."""
+    device = t.device
+    started = time.monotonic()
+    name = check_name(manifest.name)
+    files = local_files(build_dir, manifest)
+    if formats is None:
+        formats = {manifest.artifact(manifest.primary).format}
+    say = progress or (lambda msg: None)
+    say(f"{device.name}: checking {device.where()}")
+    info = probe(t, formats)
+    _raise_problems(device, problems(device, info, formats))
+    root = info["workdir"]
+    total = sum(f["size"] for f in files.values())
+    if info["free_bytes"] < DISK_MARGIN:
+        _disk_full(device, root, total, info["free_bytes"])
+    spec = {rel: f["sha256"] for rel, f in files.items()}
+    prep = device_op(t, "prepare", {"root": root, "name": name, "files": spec})
+    staging = prep["staging"]
+    to_send = prep["missing"]
+    need = sum(files[rel]["size"] for rel in to_send) + DISK_MARGIN
+    if need > info["free_bytes"]:
+        device_op(t, "abort", {"staging": staging})
+        _disk_full(device, root, need, info["free_bytes"])
+    sent_bytes = 0
+    for i, rel in enumerate(to_send, 1):
+        f = files[rel]
+        say(f"{device.name}: uploading {rel} ({f['size'] / 1e6:.2f} MB) [{i}/{len(to_send)}]")
+        remote = f"{staging}/{rel}"
+        t.put(f["source"], remote)
+        sent_bytes += f["size"]
+    say(f"{device.name}: verifying {len(files)} files on the device")
+    done = device_op(t, "commit", {"root": root, "name": name, "staging": staging, "files": spec})
+    if not done.get("ok"):
+        bad = ", ".join(f"{b['file']} ({b['problem']})" for b in done["bad"])
+        raise DeviceError(f"device {device.name}: files arrived corrupted, deploy abandoned "
+                          f"(the previous deployment is unchanged): {bad}",
+                          "check the device's storage and network, then deploy again")
+    return {
+        "device": device.name, "where": device.where(), "path": done["path"], "workdir": root,
+        "sent": to_send, "reused": prep["reused"], "bytes_sent": sent_bytes, "bytes_total": total,
+        "seconds": round(time.monotonic() - started, 3), "machine": info["machine"],
+        "python": info["python"],
+        "runtimes": {m: v.get("version") for m, v in info["modules"].items() if v.get("ok")},
+    }
+
+
+def _disk_full(device: Device, root: str, need: int, free: int):
+    raise DeviceError(f"device {device.name}: not enough disk space in {root}: the deploy needs "
+                      f"{need / 1e6:.2f} MB, {free / 1e6:.2f} MB are free",
+                      f"free space on the device or point workdir in {device.source} at a larger disk")
+
+
+def deploy(build_dir: Path | str, device: Device, accept_new_host_key: bool = False,
+           progress: Progress | None = None) -> dict:
+    """Deploy `build_dir` to `device`. Returns {device, path, sent, reused, bytes_sent, ...}.
+    Raises DeviceError (DeviceUnreachable for connection problems) with the device's name."""
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    with connect(device, accept_new_host_key) as t:
+        return deploy_with(t, build_dir, manifest, progress)
+
+
+def check_device(device: Device, accept_new_host_key: bool = False) -> dict:
+    """Connect and probe: arch, python, runtimes, free disk. Raises DeviceUnreachable /
+    DeviceError when the device cannot be reached; other findings are in `problems`."""
+    started = time.monotonic()
+    with connect(device, accept_new_host_key) as t:
+        info = probe(t)
+    profile = device.profile()
+    # The profile's runtime is required; the other one is reported under `runtimes` only.
+    found = problems(device, info, {"onnx" if profile.runtime == "onnxruntime" else "tflite"})
+    return {
+        "device": device.name, "where": device.where(), "target": device.target, "emulated": device.emulated,
+        "ok": not found, "problems": [{"problem": p, "fix": h} for p, h in found],
+        "machine": info["machine"], "arch_expected": profile.arch, "python": info["python"],
+        "executable": info["executable"], "workdir": info["workdir"], "free_mb": round(info["free_bytes"] / 1e6, 1),
+        "cpu_count": info["cpu_count"],
+        "runtimes": {m: (v.get("version") if v.get("ok") else None) for m, v in info["modules"].items()},
+        "seconds": round(time.monotonic() - started, 3),
+    }

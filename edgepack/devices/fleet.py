@@ -1,0 +1,76 @@
+"""Benchmark one build on many devices in parallel. One failing device never stops the others."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import EdgepackError
+from .bench import bench
+from .errors import DeviceUnreachable
+from .inventory import Device, load_inventory
+
+
+def select_devices(devices: str | list[str | Device], dirs=None) -> list[Device]:
+    """"all", "a,b" or a list of names/Devices -> Devices (unknown names are an error)."""
+    inv = load_inventory(dirs)
+    if isinstance(devices, str):
+        names = list(inv) if devices.strip() == "all" else [d.strip() for d in devices.split(",") if d.strip()]
+        devices = names
+    out = []
+    for d in devices:
+        if isinstance(d, Device):
+            out.append(d)
+        elif d in inv:
+            out.append(inv[d])
+        else:
+            raise EdgepackError(f"unknown device {d!r}; known devices: {', '.join(sorted(inv)) or '(none)'}",
+                                "add it under ~/.config/edgepack/devices or pass --devices-dir DIR")
+    if not out:
+        raise EdgepackError("no devices selected", "pass --devices all or --devices a,b")
+    return out
+
+
+def _one(build_dir, device: Device, retries: int, kwargs: dict) -> dict:
+    attempts = []
+    started = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            result = bench(build_dir, device, **kwargs)
+            return {"ok": True, "attempts": attempts, **result}
+        except DeviceUnreachable as e:  # transient: worth another try
+            attempts.append(str(e))
+            if attempt < retries:
+                time.sleep(min(2.0 * (attempt + 1), 5.0))
+        except EdgepackError as e:  # permanent: a retry cannot fix it
+            attempts.append(str(e))
+            break
+        except Exception as e:  # a bug must not take the fleet down; report it with its type
+            attempts.append(f"internal error: {type(e).__name__}: {e}")
+            break
+    error = attempts[-1] if len(attempts) == 1 else \
+        f"failed {len(attempts)} times:\n" + "\n".join(f"  {i}. {a}" for i, a in enumerate(attempts, 1))
+    return {"ok": False, "device": device.name, "where": device.where(), "emulated": device.emulated,
+            "error": error, "attempts": attempts, "seconds": round(time.monotonic() - started, 2)}
+
+
+def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all", threads: int | None = None,
+                runs: int = 100, warmup: int = 10, artifact: str | None = None, timeout_s: float = 600,
+                retries: int = 1, accept_new_host_key: bool = False, dirs=None, max_workers: int | None = None,
+                progress=None) -> dict:
+    """Deploy and bench on every device at once (one thread each).
+
+    Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
+    "wall_s": s}. A success is the `bench()` dict plus ok=True; a failure is {ok: False, device,
+    error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried."""
+    selected = select_devices(devices, dirs)
+    kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
+                  accept_new_host_key=accept_new_host_key, progress=progress)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max_workers or len(selected), thread_name_prefix="edgepack-dev") as pool:
+        futures = [pool.submit(_one, build_dir, d, retries, kwargs) for d in selected]
+        results = [f.result() for f in futures]
+    ok = sum(r["ok"] for r in results)
+    return {"results": results, "ok": ok, "failed": len(results) - ok,
+            "passed": ok == len(results) and all(r.get("passed", True) for r in results),
+            "wall_s": round(time.monotonic() - t0, 3)}

@@ -1,0 +1,45 @@
+"""Judge an on-device benchmark against the target's budgets.
+
+Latency is judged only on real hardware: an emulated device (qemu) measures it but its
+figures say nothing about the real chip, so those verdicts are `ok=None` with a note.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..manifest import Verdict
+
+
+def budgets_for(manifest_target: dict[str, Any], device_profile) -> tuple[dict[str, Any], str]:
+    """The build's own target budgets (what the build promised) when the manifest has them,
+    else the device profile's."""
+    if isinstance(manifest_target, dict) and isinstance(manifest_target.get("budgets"), dict):
+        return manifest_target["budgets"], f"target {manifest_target.get('name', '?')!r} of the build"
+    return device_profile.budgets.model_dump(), f"target {device_profile.name!r} of the device"
+
+
+def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: bool) -> list[Verdict]:
+    lat = result["latency_ms"]
+    where = f"on {device_name}"
+    checks = [
+        ("latency_p50_ms", lat["p50"], True),
+        ("latency_p90_ms", lat["p90"], True),
+        ("peak_memory_mb", result["memory_mb"]["peak_rss"], False),
+    ]
+    verdicts = []
+    for budget, value, is_latency in checks:
+        limit = budgets.get(budget)
+        if limit is None:
+            continue
+        value = None if value is None else round(float(value), 3)
+        if is_latency and emulated:
+            ok, note = None, f"{where} (emulated): latency measured, not judged"
+        elif value is None:
+            ok, note = None, f"{where}: not measurable on this device"
+        else:
+            ok, note = value <= float(limit), where
+            if emulated:
+                note += " (emulated: includes the emulator's own memory)"
+        verdicts.append(Verdict(budget=budget, limit=float(limit), value=value, ok=ok,
+                                artifact=result["artifact"], note=note))
+    return verdicts

@@ -1,0 +1,113 @@
+"""Where bench results go: `<build>/bench/<device>-<UTC stamp>.json` (never overwritten),
+a summary appended to manifest.json's `bench` list and a section appended to report.md.
+
+Fleet benches finish concurrently, so manifest/report updates take a lock (a thread lock plus
+an flock on `<build>/.edgepack.lock` for other processes) and are written atomically.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..manifest import read_manifest, write_json_atomic
+
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def build_lock(build_dir: Path):
+    with _LOCK, open(Path(build_dir) / ".edgepack.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def utc_stamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def save_result(build_dir: Path, device: str, result: dict) -> Path:
+    """Write the full result to a new file; an existing file is never replaced."""
+    out = Path(build_dir) / "bench"
+    out.mkdir(exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", device)
+    stamp = result.get("timestamp_stamp") or utc_stamp()
+    tmp = out / f".{safe}-{stamp}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    try:
+        for n in range(1000):
+            path = out / (f"{safe}-{stamp}.json" if n == 0 else f"{safe}-{stamp}-{n}.json")
+            try:
+                os.link(tmp, path)  # fails if the name exists: no result is ever overwritten
+                return path
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"cannot find a free result name in {out}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def summary(result: dict) -> dict:
+    lat = result["latency_ms"]
+    return {
+        "device": result["device"], "emulated": result["emulated"], "timestamp": result["timestamp"],
+        "artifact": result["artifact"], "runtime": result["runtime"], "threads": result["env"]["threads"],
+        "machine": result["env"]["machine"], "p50_ms": round(lat["p50"], 3), "p90_ms": round(lat["p90"], 3),
+        "p99_ms": round(lat["p99"], 3), "peak_rss_mb": round(result["memory_mb"]["peak_rss"] or 0, 1),
+        "passed": result["passed"], "verdicts": result["verdicts"], "result_file": result["result_file"],
+    }
+
+
+def _fmt(v, digits=2):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def report_section(result: dict) -> str:
+    lat, env = result["latency_ms"], result["env"]
+    label = " (emulated: latency not judged)" if result["emulated"] else ""
+    lines = [
+        f"\n## On-device benchmark: {result['device']}{label}\n",
+        f"- when: {result['timestamp']}; artifact `{result['artifact']}` ({result['format']}, {result['precision']})",
+        f"- device: {env.get('machine')}, {env.get('cpu_model')}, {env.get('cpu_count')} cores, "
+        f"governor {env.get('cpufreq_governor')}, load {env.get('loadavg')}",
+        f"- runtime: {result['runtime']['name']} {result['runtime']['version']}, {env.get('threads')} threads, "
+        f"python {env.get('python')}",
+        f"- load {_fmt(result['load_ms'], 1)} ms, first inference {_fmt(result['first_ms'])} ms, "
+        f"{lat['runs']} runs after {lat['warmup']} warm-up",
+        "",
+        "| min | p50 | p90 | p99 | max | std | throughput/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {_fmt(lat['min'])} | {_fmt(lat['p50'])} | {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} "
+        f"| {_fmt(lat['std'])} | {_fmt(lat['throughput_per_s'], 1)} | {_fmt(result['memory_mb']['peak_rss'], 1)} |",
+        "",
+    ]
+    if result["verdicts"]:
+        lines += ["| budget | limit | value | verdict | note |", "|---|---|---|---|---|"]
+        for v in result["verdicts"]:
+            verdict = "pass" if v["ok"] else "not judged" if v["ok"] is None else "**FAIL**"
+            lines.append(f"| {v['budget']} | {v['limit']} | {v['value']} | {verdict} | {v['note'] or ''} |")
+        lines.append("")
+    lines.append(f"Full result: `{result['result_file']}`\n")
+    return "\n".join(lines)
+
+
+def record(build_dir: Path, result: dict) -> None:
+    """Append the summary to manifest.bench and the section to report.md, atomically."""
+    build_dir = Path(build_dir)
+    with build_lock(build_dir):
+        manifest = read_manifest(build_dir)
+        manifest.bench.append(summary(result))
+        write_json_atomic(build_dir / "manifest.json", manifest)
+        report = build_dir / "report.md"
+        text = report.read_text() if report.exists() else f"# edgepack report: {manifest.name}\n"
+        tmp = report.with_name(".report.md.tmp")
+        tmp.write_text(text.rstrip("\n") + "\n" + report_section(result))
+        tmp.replace(report)

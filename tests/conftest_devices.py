@@ -1,0 +1,134 @@
+"""Fixtures for device tests (imported by tests/test_devices*.py; not a conftest on purpose).
+
+`build_dir`: a tiny CNN exported to ONNX with a manifest, like `edgepack build` makes.
+`ssh_device`: a factory for real sshd servers on 127.0.0.1 plus a device toml pointing at one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import sshd as sshd_mod
+from edgepack.devices.inventory import load_device_file
+from edgepack.manifest import Artifact, Manifest, TensorSpec, sha256_file, write_json_atomic
+from edgepack.targets import load_profile
+
+VENV_PYTHON = sys.executable
+_CACHE: dict = {}
+
+
+def _export_tiny(path: Path, channels: int = 8) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(channels, 10)).eval()
+    torch.onnx.export(model, torch.randn(1, 3, 16, 16), str(path), input_names=["input"],
+                      output_names=["logits"], dynamo=False, opset_version=17)
+
+
+def make_build(dirpath: Path, name: str = "tiny", target: str = "x86", budgets: dict | None = None,
+               channels: int = 8) -> Path:
+    """A build directory with model.fp32.onnx and a valid manifest (export cached per session)."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    key = ("onnx", channels)
+    if key not in _CACHE:
+        cache = Path(os.environ.get("PYTEST_TMP_CACHE", "/tmp")) / f"edgepack-test-tiny-{channels}-{os.getpid()}.onnx"
+        _export_tiny(cache, channels)
+        _CACHE[key] = cache
+    model = dirpath / "model.fp32.onnx"
+    shutil.copy(_CACHE[key], model)
+    profile = load_profile(target).model_dump()
+    if budgets is not None:
+        profile["budgets"] = budgets
+    spec = TensorSpec(name="input", shape=[1, 3, 16, 16], dtype="float32", layout="NCHW")
+    manifest = Manifest(
+        edgepack_version="0.1.0", name=name, created=datetime.now(timezone.utc).isoformat(), target=profile,
+        inputs=[spec], outputs=[TensorSpec(name="logits", shape=[1, 10])],
+        artifacts=[Artifact(path="model.fp32.onnx", format="onnx", precision="fp32", sha256=sha256_file(model),
+                            size_bytes=model.stat().st_size, inputs=[spec])],
+        primary="model.fp32.onnx")
+    write_json_atomic(dirpath / "manifest.json", manifest)
+    (dirpath / "report.md").write_text(f"# edgepack report: {name}\n\nbuild section\n")
+    return dirpath
+
+
+@pytest.fixture
+def build_dir(tmp_path):
+    return make_build(tmp_path / "build")
+
+
+def write_device(dirpath: Path, name: str, **fields) -> Path:
+    """Write a device toml; nested dict values become tables."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    lines, tables = [f'name = "{name}"'], []
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            tables.append(f"[{k}]\n" + "\n".join(f"{kk} = {_toml(vv)}" for kk, vv in v.items()))
+        else:
+            lines.append(f"{k} = {_toml(v)}")
+    path = dirpath / f"{name}.toml"
+    path.write_text("\n".join(lines + tables) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def local_device(dirpath: Path, name: str = "loc", python: str = VENV_PYTHON, **extra):
+    path = write_device(dirpath, name, target="x86", transport="local", workdir=str(dirpath / f"{name}-work"),
+                        python=python, **extra)
+    return load_device_file(path)
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("client")
+    return sshd_mod.keygen(d / "id_ed25519")
+
+
+@pytest.fixture
+def ssh_servers(tmp_path):
+    """Factory: start_server(name) -> Sshd; every server is killed at teardown."""
+    if not sshd_mod.available():
+        pytest.skip("needs root, sshd and ssh-keygen (apt-get install openssh-server)")
+    started = []
+
+    def start(name: str, pubkey: Path) -> sshd_mod.Sshd:
+        s = sshd_mod.Sshd(tmp_path / f"sshd-{name}", pubkey).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def ssh_device(tmp_path, client_key, ssh_servers):
+    """Factory: (name, trusted=True, **overrides) -> (Device, Sshd). Host key pre-trusted unless told."""
+
+    def make(name: str = "dev", trusted: bool = True, key_file: Path | None = None, python: str = VENV_PYTHON,
+             workdir: str | None = None, server: sshd_mod.Sshd | None = None, **ssh_overrides):
+        s = server or ssh_servers(name, Path(f"{client_key}.pub"))
+        known = tmp_path / f"known_hosts-{name}"
+        known.write_text(s.known_hosts_line() if trusted else "")
+        ssh = dict(host="127.0.0.1", port=s.port, user="root", key_file=str(key_file or client_key),
+                   known_hosts=str(known), connect_timeout_s=5)
+        ssh.update(ssh_overrides)
+        path = write_device(tmp_path / "devices", name, target="x86", transport="ssh",
+                            workdir=workdir or str(tmp_path / f"work-{name}"), python=python, ssh=ssh)
+        return load_device_file(path), s
+
+    return make
