@@ -1,0 +1,113 @@
+"""Build configuration: `edgepack.toml` (or --config FILE), overridden by command-line flags.
+
+Everything the CLI can say is a field here, so `edgepack.build(BuildConfig(...))` does the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import EdgepackError
+from .targets import Budgets, format_validation
+
+DEFAULT_CONFIG = "edgepack.toml"
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError("std values must be > 0")
+        return v
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = "x86"
+    targets_dir: list[str] = []
+    model: str | None = None  # None: the embedded default example
+    weights: str | None = None
+    trust_pickle: bool = False
+    input_shape: list[int] | None = None
+    calib: str | None = None
+    eval: str | None = None
+    train: str | None = None
+    out: str = "dist"
+    name: str | None = None
+    data: DataConfig = DataConfig()
+    # Overrides of the target profile.
+    threads: int | None = Field(None, ge=1)
+    formats: list[Literal["onnx", "tflite"]] | None = None
+    calibration_method: Literal["MinMax", "Entropy", "Percentile"] | None = None
+    budgets: Budgets = Budgets()
+    # Accuracy-aware fallback: leave up to this many of the most sensitive nodes in float.
+    fallback: bool = True
+    max_float_nodes: int = Field(8, ge=0)
+    latency_runs: int = Field(50, ge=5)
+    # Pruning (see edgepack.prune.PruneConfig); None = no pruning.
+    prune: dict[str, Any] | None = None
+    # Deploy + benchmark on a device after building.
+    device: str | None = None
+    devices_dir: list[str] = []
+    accept_new_host_key: bool = False
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """Read the config file (explicit path, or ./edgepack.toml if present) and apply overrides.
+
+    Overrides with value None are ignored, so unset CLI flags never erase file settings.
+    """
+    data: dict[str, Any] = {}
+    file = Path(path) if path else (Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None)
+    if path and not file.exists():
+        raise EdgepackError(f"config file {file} does not exist")
+    if file:
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise EdgepackError(f"config file {file} is not valid TOML: {e}") from e
+        data = _resolve_paths(data, file.parent)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **{k: v for k, v in value.items() if v is not None}}
+        else:
+            data[key] = value
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as e:
+        where = f"config file {file}" if file else "options"
+        raise EdgepackError(f"{where} invalid:\n{format_validation(e)}") from e
+
+
+_PATH_KEYS = ("weights", "calib", "eval", "train", "out")
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Relative paths in a config file are relative to the file, not to the working directory."""
+    out = dict(data)
+    for key in _PATH_KEYS:
+        v = out.get(key)
+        if isinstance(v, str) and not Path(v).is_absolute() and (":" not in v or v.endswith((".py", ".npz"))):
+            out[key] = str(base / v)
+    m = out.get("model")
+    if isinstance(m, str) and (m.endswith(".onnx") or ".py:" in m):
+        path, sep, attr = m.partition(".py:")
+        out["model"] = str(base / (path + ".py")) + ":" + attr if sep else str(base / m)
+    return out

@@ -1,0 +1,107 @@
+"""`PruneRecord`: what pruning did, as JSON for the manifest and markdown for report.md."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MAX_TABLE_ROWS = 40  # report.md stays readable for deep models; the JSON keeps every layer
+
+
+@dataclass
+class LayerChange:
+    name: str
+    type: str
+    in_before: int
+    in_after: int
+    out_before: int
+    out_after: int
+
+
+@dataclass
+class PruneRecord:
+    requested: dict  # the goal: {"ratio": 0.5} | {"macs_target": 0.5} | {"latency_p50_ms": 3.0}
+    ratio: float  # the channel ratio finally applied (found by search for macs/latency goals)
+    importance: str
+    global_pruning: bool
+    round_to: int | None
+    iterative_steps: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    input_shapes: list[list[int]]
+    output_shapes: list[list[int]]
+    ignored_layers: list[str]
+    layers: list[LayerChange] = field(default_factory=list)
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [before, after]
+    history: list = field(default_factory=list)  # torch-pruning history, replayed by load_pruned
+    finetune: list[dict] = field(default_factory=list)  # one summary per fine-tuning run
+    latency_search: list[dict] = field(default_factory=list)  # [{"ratio", "p50_ms"}] measured candidates
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def macs_reduction(self) -> float:
+        return self.macs_before / max(1, self.macs_after)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["macs_reduction"] = round(self.macs_reduction, 3)
+        return d
+
+    def markdown(self) -> str:
+        goal = ", ".join(f"{k}={v}" for k, v in self.requested.items())
+        lines = [
+            "## Pruning",
+            "",
+            f"Structured channel pruning ({goal}): channel ratio {self.ratio:.3f}, importance "
+            f"`{self.importance}`, {'global' if self.global_pruning else 'per-layer'} ranking, "
+            f"channels rounded to {self.round_to or 1}, {self.iterative_steps} step(s).",
+            "",
+            "| | before | after | change |",
+            "|---|---:|---:|---:|",
+            f"| MACs | {_si(self.macs_before)} | {_si(self.macs_after)} | {self.macs_reduction:.2f}x fewer |",
+            f"| params | {_si(self.params_before)} | {_si(self.params_after)} | "
+            f"{self.params_before / max(1, self.params_after):.2f}x fewer |",
+            "",
+        ]
+        changed = [c for c in self.layers if (c.in_before, c.out_before) != (c.in_after, c.out_after)]
+        lines += [f"{len(changed)} of {len(self.layers)} conv/linear layers changed width "
+                  f"(ignored: {', '.join(f'`{n}`' for n in self.ignored_layers) or 'none'}).", ""]
+        if changed:
+            lines += ["| layer | type | in channels | out channels |", "|---|---|---:|---:|"]
+            for c in changed[:MAX_TABLE_ROWS]:
+                lines.append(f"| `{c.name}` | {c.type} | {_arrow(c.in_before, c.in_after)} | "
+                             f"{_arrow(c.out_before, c.out_after)} |")
+            if len(changed) > MAX_TABLE_ROWS:
+                lines.append(f"| ... {len(changed) - MAX_TABLE_ROWS} more in manifest.json | | | |")
+            lines.append("")
+        if self.heads:
+            lines += ["Attention heads: " + ", ".join(f"`{n}` {b} → {a}" for n, (b, a) in self.heads.items()), ""]
+        if self.latency_search:
+            lines += ["Latency search (measured, ms p50): " + ", ".join(
+                f"ratio {c['ratio']:.3f} → {c['p50_ms']:.2f}" for c in self.latency_search), ""]
+        for ft in self.finetune:
+            lines.append(_finetune_line(ft))
+        if self.finetune:
+            lines.append("")
+        lines += [f"> warning: {w}" for w in self.warnings]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def _finetune_line(ft: dict) -> str:
+    kind = "distillation" if ft.get("distill") else "plain"
+    acc = ""
+    if ft.get("eval_acc_before") is not None and ft.get("eval_acc_after") is not None:
+        acc = f", eval top-1 {100 * ft['eval_acc_before']:.2f}% → {100 * ft['eval_acc_after']:.2f}%"
+    stop = f" (stopped: {ft['stopped']})" if ft.get("stopped") else ""
+    return (f"- fine-tuning ({kind}): {ft['epochs_run']} epoch(s) in {ft['seconds']:.1f} s{acc}{stop}")
+
+
+def _arrow(before: int, after: int) -> str:
+    return str(before) if before == after else f"{before} → {after}"
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))

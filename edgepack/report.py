@@ -1,0 +1,92 @@
+"""report.md: what was built, how it measured, and whether it fits the target."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .manifest import Manifest
+
+REPORT = "report.md"
+
+
+def _fmt(v, digits=2, suffix=""):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}{suffix}" if isinstance(v, float) else f"{v}{suffix}"
+
+
+def artifact_rows(m: Manifest, peak_mb: dict | None = None) -> list[list[str]]:
+    rows = []
+    for a in m.artifacts:
+        lat = a.metrics.latency_ms
+        rows.append([a.path, a.format, a.precision, _fmt(a.size_bytes / 1e6, 3),
+                     _fmt(a.metrics.accuracy), _fmt(a.metrics.agreement),
+                     _fmt(lat.p50 if lat else None, 3), _fmt(lat.p90 if lat else None, 3),
+                     _fmt((peak_mb or {}).get(a.path), 1)])
+    return rows
+
+
+ARTIFACT_HEADER = ["artifact", "format", "precision", "size MB", "top-1 %", "agreement %",
+                   "p50 ms", "p90 ms", "peak MB"]
+
+
+def verdict_rows(verdicts) -> list[list[str]]:
+    mark = {True: "pass", False: "FAIL", None: "not judged"}
+    return [[v.budget, _fmt(v.limit), _fmt(v.value, 3), mark[v.ok], v.note or ""] for v in verdicts]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(m: Manifest, sections: dict[str, Any]) -> str:
+    t = m.target
+    data = m.stages.get("data", {})
+    parts = [f"# {m.name} for {t['name']}: {'PASS' if m.passed else 'FAIL'}", "",
+             f"Target `{t['name']}` ({t.get('description', '')}): {t['arch']}, {t['runtime']}, "
+             f"{t['threads']} thread(s). Built {m.created} with edgepack {m.edgepack_version} on "
+             f"{m.versions.get('machine', '?')}. Judged artifact: `{m.primary}`.", "",
+             "## Artifacts", "", table(ARTIFACT_HEADER, artifact_rows(m, sections.get("peak_mb"))), ""]
+    if data:
+        what = "accuracy on labels" if data.get("labelled") else "agreement with the float model (no labels)"
+        parts += [f"Evaluation: {data['evaluation_samples']} samples from {data['evaluation']} ({what})"
+                  + (" - no --eval given, so this is the calibration data." if data.get("eval_is_calibration") else ".")
+                  + f" Calibration: {data['calibration_samples']} samples from {data['calibration']}.", ""]
+    parts += ["## Budgets", "", table(["budget", "limit", "value", "verdict", "note"], verdict_rows(m.verdicts)), ""]
+    exp = m.stages.get("export", {})
+    if "parity" in exp:
+        p = exp["parity"]
+        parts += ["## Export", "", f"ONNX opset 17, simplified to {exp['nodes']} nodes in {exp['seconds']} s. "
+                  f"Parity with PyTorch on {p['samples']} samples: max abs diff {p['max_abs_diff']:.3g}, "
+                  f"cosine {p['cosine']:.6f}, top-1 agreement {_fmt(p['top1_agreement'])}%.", ""]
+    q = m.stages.get("quantize")
+    if q:
+        parts += ["## Quantization", "", f"Static int8, QDQ, {q['activation_type']} activations, "
+                  f"{q['weight_type']} weights, {'per-channel' if q['per_channel'] else 'per-tensor'}, "
+                  f"{q['method']} calibration on {q['calibration_samples']} samples ({q['seconds']} s).", ""]
+    fb = m.stages.get("fallback")
+    if fb:
+        status = "met" if fb["met_budget"] else "still NOT met"
+        parts += ["### Accuracy-aware fallback", "",
+                  f"int8 drop {fb['initial_drop']} points exceeded the budget; after leaving "
+                  f"{len(fb['float_nodes'])} node(s) in float the drop is {fb['final_drop']} points (budget {status}).",
+                  "", "Nodes left in float: " + (", ".join(f"`{n}`" for n in fb["float_nodes"]) or "none"), "",
+                  "Most sensitive nodes (SQNR lost in the node, dB):", "",
+                  table(["node", "op", "SQNR dB", "lost dB"],
+                        [[r["node"], r["op"], r["sqnr_db"], r["lost_db"]] for r in fb["ranking"][:10]]), ""]
+    for key in ("prune", "tflite", "emulation", "bench"):
+        if sections.get(key):
+            parts += [sections[key].rstrip(), ""]
+    parts += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in m.versions.items()), "",
+              f"Config hash `{m.config_hash}`, data hash `{m.data_hash}`.", ""]
+    return "\n".join(parts)
+
+
+def write_report(build_dir: Path, m: Manifest, sections: dict[str, Any]) -> Path:
+    path = Path(build_dir) / REPORT
+    tmp = path.with_name(f".{REPORT}.tmp")
+    tmp.write_text(render(m, sections))
+    tmp.replace(path)
+    return path
