@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import BudgetNotMet
 from ..manifest import read_manifest
-from .deploy import deploy_with
+from .deploy import deployed_path, deploy_with
 from .errors import DeviceError
 from .inventory import Device, get_device
 from .judge import budgets_for, judge
@@ -22,13 +22,15 @@ def resolve(device: Device | str, dirs=None) -> Device:
 
 def bench(build_dir: Path | str, device: Device | str, threads: int | None = None, runs: int = 100,
           warmup: int = 10, artifact: str | None = None, accept_new_host_key: bool = False,
-          timeout_s: float | None = 600, profile: bool = False, dirs=None, progress=None) -> dict:
+          timeout_s: float | None = 600, profile: bool = False, dirs=None, progress=None,
+          redeploy: bool = True) -> dict:
     """Deploy `build_dir` to `device`, benchmark one artifact there and record the result.
 
     Returns the full result: latency_ms (min/p50/p90/p99/max/mean/std/throughput), load_ms,
     first_ms, memory_mb, env, runtime, deploy, verdicts (list of Verdict dicts), passed, and
     result_file. Budget failures do not raise (see `raise_if_failed`); device problems raise
-    DeviceError / DeviceUnreachable naming the device."""
+    DeviceError / DeviceUnreachable naming the device. redeploy=False benchmarks what is already
+    deployed on the device (the agent still refuses files that differ from their manifest)."""
     build_dir = Path(build_dir)
     device = resolve(device, dirs)
     if runs < 1 or warmup < 0:
@@ -44,7 +46,10 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
     profile_obj = device.profile()
     threads = threads or profile_obj.threads
     with connect(device, accept_new_host_key) as t:
-        dep = deploy_with(t, build_dir, manifest, progress, formats={entry.format})
+        if redeploy:
+            dep = deploy_with(t, build_dir, manifest, progress, formats={entry.format})
+        else:
+            dep = deployed_path(t, manifest)
         if progress:
             progress(f"{device.name}: benchmarking {artifact} ({runs} runs, {threads} threads)")
         started = datetime.now(timezone.utc)

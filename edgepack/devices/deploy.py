@@ -85,7 +85,7 @@ def problems(device: Device, info: dict, formats: set[str]) -> list[tuple[str, s
     got = normalize_arch(info["machine"])
     if got != want:
         found.append((f"architecture is {info['machine']} but target {device.target!r} is {want}",
-                      f"use a device file with a {got} target, or fix target in {device.source}"))
+                      f"set target in {device.source} to a profile with arch = \"{got}\" (this device is {got})"))
     py = device.python_cmd
     for alt in required_modules(formats):
         if not any(info["modules"].get(m, {}).get("ok") for m in alt):
@@ -180,6 +180,14 @@ def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Pro
         "python": info["python"],
         "runtimes": {m: v.get("version") for m, v in info["modules"].items() if v.get("ok")},
     }
+
+
+def deployed_path(t: Transport, manifest: Manifest) -> dict:
+    """The existing deployment of this build on the device, without changing it."""
+    info = device_op(t, "probe", {"workdir": t.device.workdir, "modules": []})
+    path = f"{info['workdir']}/{check_name(manifest.name)}"
+    return {"device": t.device.name, "where": t.device.where(), "path": path, "workdir": info["workdir"],
+            "sent": [], "reused": [], "bytes_sent": 0, "machine": info["machine"], "python": info["python"]}
 
 
 def _disk_full(device: Device, root: str, need: int, free: int):

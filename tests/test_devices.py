@@ -1,0 +1,195 @@
+"""Device inventory, local-transport deploy/bench and the on-device agent (no SSH here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # sshd.py / conftest_devices.py live next to us
+from conftest_devices import VENV_PYTHON, build_dir, local_device, make_build, write_device  # noqa: E402,F401
+
+from edgepack.devices import DeviceError, bench, deploy, get_device, load_inventory, raise_if_failed  # noqa: E402
+from edgepack.devices.inventory import load_device_file  # noqa: E402
+from edgepack.errors import BudgetNotMet, EdgepackError  # noqa: E402
+from edgepack.manifest import read_manifest, sha256_file  # noqa: E402
+
+
+# --- inventory -------------------------------------------------------------------------------
+
+def test_builtin_local_device_and_search_order(tmp_path, monkeypatch):
+    xdg, env_dir, cli_dir = tmp_path / "xdg", tmp_path / "env", tmp_path / "cli"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("EDGEPACK_DEVICES_DIR", str(env_dir))
+    write_device(xdg / "edgepack" / "devices", "pi", target="rpi", transport="local", emulated=True,
+                 python="/opt/qemu-python")
+    write_device(env_dir, "pi", target="x86", transport="local")  # shadows the XDG one
+    write_device(cli_dir, "box", target="x86", transport="local")
+    inv = load_inventory([cli_dir])
+    assert inv["local"].transport == "local" and inv["local"].python_cmd == sys.executable
+    assert inv["pi"].target == "x86" and inv["pi"].source == str(env_dir / "pi.toml")
+    assert inv["box"].source == str(cli_dir / "box.toml")
+    monkeypatch.delenv("EDGEPACK_DEVICES_DIR")
+    pi = get_device("pi")
+    assert pi.emulated and pi.python_cmd == "/opt/qemu-python" and pi.target == "rpi"
+    with pytest.raises(EdgepackError, match="unknown device 'nope'.*known devices: local, pi"):
+        get_device("nope")
+
+
+@pytest.mark.parametrize("fields, expect", [
+    (dict(target="x86", transport="local", colour="red"), r"colour: unknown key"),
+    (dict(target="x86", transport="ssh", ssh=dict(host="h", user="u", port="twenty-two")), r"ssh\.port: "),
+    (dict(target="toaster", transport="local"), r"target: unknown target 'toaster'"),
+    (dict(target="x86", transport="ssh"), r"needs an \[ssh\] table"),
+    (dict(target="x86", transport="carrier-pigeon"), r"transport: "),
+])
+def test_bad_inventory_entry_names_file_and_field(tmp_path, fields, expect):
+    path = write_device(tmp_path, "bad", **fields)
+    with pytest.raises(EdgepackError, match=expect) as e:
+        load_inventory([tmp_path])
+    assert str(path) in str(e.value)
+
+
+# --- local deploy and bench ------------------------------------------------------------------
+
+def test_local_deploy_and_bench_end_to_end(tmp_path, build_dir):
+    dev = local_device(tmp_path / "devices")
+    r = bench(build_dir, dev, threads=1, runs=20, warmup=2)
+    assert r["ok"] and r["passed"] and r["device"] == "loc" and not r["emulated"]
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["runs"] == 20
+    assert r["runtime"]["name"] == "onnxruntime" and r["env"]["machine"] == "x86_64" and r["env"]["threads"] == 1
+    assert r["memory_mb"]["peak_rss"] > 10 and r["load_ms"] > 0 and r["first_ms"] > 0
+    assert {v["budget"] for v in r["verdicts"]} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb"}
+    assert all(v["ok"] for v in r["verdicts"])
+    deployed = Path(r["deploy"]["path"])
+    assert sorted(p.name for p in deployed.iterdir()) == ["agent.py", "manifest.json", "model.fp32.onnx",
+                                                          "runtime.py"]
+    saved = json.loads((build_dir / r["result_file"]).read_text())
+    assert saved["latency_ms"]["p50"] == lat["p50"]
+    m = read_manifest(build_dir)
+    assert m.bench[-1]["device"] == "loc" and m.bench[-1]["result_file"] == r["result_file"]
+    report = (build_dir / "report.md").read_text()
+    assert report.startswith("# edgepack report: tiny\n\nbuild section") and "## On-device benchmark: loc" in report
+    # A second bench adds a new result file and a second manifest entry; nothing is overwritten.
+    r2 = bench(build_dir, dev, threads=1, runs=5, warmup=0)
+    assert r2["result_file"] != r["result_file"] and (build_dir / r["result_file"]).exists()
+    assert len(read_manifest(build_dir).bench) == 2 and report in (build_dir / "report.md").read_text()
+    assert r2["deploy"]["sent"] == ["manifest.json"]  # only the manifest changed (its bench list)
+
+
+def test_redeploy_skips_unchanged_files(tmp_path, build_dir):
+    dev = local_device(tmp_path / "devices")
+    first = deploy(build_dir, dev)
+    assert sorted(first["sent"]) == ["agent.py", "manifest.json", "model.fp32.onnx", "runtime.py"]
+    again = deploy(build_dir, dev)
+    assert again["sent"] == [] and again["bytes_sent"] == 0 and len(again["reused"]) == 4
+    # A new model: only it and the manifest travel.
+    make_build(build_dir, channels=16)
+    third = deploy(build_dir, dev)
+    assert sorted(third["sent"]) == ["manifest.json", "model.fp32.onnx"]
+    assert sha256_file(Path(third["path"]) / "model.fp32.onnx") == sha256_file(build_dir / "model.fp32.onnx")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_deploy_keeps_previous_deployment(tmp_path, build_dir):
+    dev = local_device(tmp_path / "devices")
+    first = deploy(build_dir, dev)
+    old_sha = sha256_file(Path(first["path"]) / "model.fp32.onnx")
+    make_build(build_dir, channels=16)  # a new build of the same name
+
+    def die_on_second_upload(msg, seen=[]):
+        if "uploading" in msg:
+            seen.append(msg)
+            if len(seen) == 2:
+                raise Interrupted(msg)
+
+    with pytest.raises(Interrupted):
+        deploy(build_dir, dev, progress=die_on_second_upload)
+    live = Path(first["path"])
+    assert sha256_file(live / "model.fp32.onnx") == old_sha
+    assert json.loads((live / "manifest.json").read_text())["artifacts"][0]["sha256"] == old_sha
+    releases = live.parent / ".releases" / "tiny"
+    assert any(p.name.endswith(".partial") for p in releases.iterdir())
+    # The previous deployment still benchmarks (the agent checks it against its own manifest).
+    r = bench(build_dir, dev, runs=3, warmup=0, redeploy=False)
+    assert r["sha256"] == old_sha
+    done = deploy(build_dir, dev)
+    assert sha256_file(Path(done["path"]) / "model.fp32.onnx") == sha256_file(build_dir / "model.fp32.onnx")
+    assert [p.name for p in releases.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_tampered_artifact_is_refused_by_agent(tmp_path, build_dir):
+    dev = local_device(tmp_path / "devices")
+    dep = deploy(build_dir, dev)
+    model = Path(dep["path"]) / "model.fp32.onnx"
+    model.write_bytes(model.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(DeviceError, match=r"device loc: the agent refused: artifact model.fp32.onnx has sha256 "
+                                          r"[0-9a-f]{64} but the manifest says") as e:
+        bench(build_dir, dev, runs=3, warmup=0, redeploy=False)
+    assert "deploy again" in e.value.hint
+    # The agent itself: exit code 3 and a JSON error on stdout.
+    p = subprocess.run([VENV_PYTHON, str(Path(dep["path"]) / "agent.py"), "--manifest",
+                        str(Path(dep["path"]) / "manifest.json"), "--artifact", "model.fp32.onnx"],
+                       capture_output=True, text=True)
+    out = json.loads(p.stdout)
+    assert p.returncode == 3 and out["ok"] is False and out["kind"] == "integrity"
+    # Deploying again repairs it (the changed file is detected and sent again).
+    assert "model.fp32.onnx" in deploy(build_dir, dev)["sent"]
+
+
+def test_budget_failure_and_emulated_device(tmp_path):
+    b = make_build(tmp_path / "build", budgets={"latency_p50_ms": 1e-6, "peak_memory_mb": 4096})
+    r = bench(b, local_device(tmp_path / "d"), runs=3, warmup=0)
+    p50 = next(v for v in r["verdicts"] if v["budget"] == "latency_p50_ms")
+    assert p50["ok"] is False and not r["passed"]
+    with pytest.raises(BudgetNotMet, match=r"loc: latency_p50_ms .* > 1e-06"):
+        raise_if_failed(r)
+    # Emulated (here: a wrapper script as python, like the qemu one): latency never judged.
+    wrapper = tmp_path / "py-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\nexec "{VENV_PYTHON}" "$@"\n')
+    wrapper.chmod(0o755)
+    emu = local_device(tmp_path / "d", name="emu", python=str(wrapper), emulated=True)
+    r = bench(b, emu, runs=3, warmup=0)
+    lat = [v for v in r["verdicts"] if v["budget"].startswith("latency")]
+    assert lat and all(v["ok"] is None and "emulated" in v["note"] for v in lat) and r["passed"]
+    assert "(emulated: latency not judged)" in (b / "report.md").read_text()
+    raise_if_failed(r)
+
+
+def test_wrong_arch_and_missing_runtime_are_explained(tmp_path, build_dir):
+    path = write_device(tmp_path / "d", "pi", target="rpi", transport="local", workdir=str(tmp_path / "w"),
+                        python=VENV_PYTHON)
+    with pytest.raises(DeviceError, match=r"(?s)device pi .*architecture is x86_64 but target 'rpi' is aarch64"):
+        deploy(build_dir, load_device_file(path))
+    bare = local_device(tmp_path / "d", name="bare", python="/usr/bin/python3")
+    with pytest.raises(DeviceError) as e:
+        deploy(build_dir, bare)
+    msg = str(e.value)
+    assert "onnxruntime cannot be imported by /usr/bin/python3" in msg and "No module named" in msg
+    assert "/usr/bin/python3 -m pip install onnxruntime" in msg
+    assert not (tmp_path / "d" / "bare-work" / "tiny").exists()
+    ghost = local_device(tmp_path / "d", name="ghost", python=str(tmp_path / "no-such-python"))
+    with pytest.raises(DeviceError, match=r"device ghost: cannot run .*no-such-python.*not found"):
+        deploy(build_dir, ghost)
+
+
+def test_cli_devices_list_and_bench_json(tmp_path, build_dir, capsys):
+    from edgepack.cli import main
+
+    d = tmp_path / "devs"
+    local_device(d, name="cli-dev")
+    assert main(["devices", "list", "--devices-dir", str(d)]) == 0
+    listed = capsys.readouterr().out
+    assert "cli-dev" in listed and "local" in listed
+    code = main(["bench", str(build_dir), "--device", "cli-dev", "--devices-dir", str(d), "--runs", "3",
+                 "--warmup", "0", "--threads", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["results"][0]["device"] == "cli-dev" and out["results"][0]["ok"]
+    assert main(["bench", str(build_dir), "--device", "nope", "--devices-dir", str(d)]) == 2
