@@ -140,6 +140,20 @@ def make_importance(name: str):
     }[name]()
 
 
+class _Pruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner with head removal following the iterative schedule: upstream
+    removes ceil(cumulative_ratio * current_heads) per step, which over-prunes when
+    iterative_steps > 1 (4 heads, ratio 0.5, 2 steps: 4 -> 3 -> 1). Here each step removes what
+    is left to reach round(initial_heads * (1 - cumulative_ratio))."""
+
+    def get_target_head_pruning_ratio(self, module) -> float:
+        cumulative = super().get_target_head_pruning_ratio(module)
+        current, initial = self.num_heads[module], self.init_num_heads[module]
+        remove = max(0, current - max(1, round(initial * (1 - cumulative))))
+        # upstream computes ceil(ratio * current); the margin keeps exact quotients from rounding up
+        return max(0.0, remove / current - 1e-6)
+
+
 class ChannelPruner:
     """One model's pruning session: builds the dependency graph once and prunes in
     `cfg.iterative_steps` steps up to `ratio` (fine-tuning may run between steps)."""
@@ -150,7 +164,7 @@ class ChannelPruner:
         self.example_inputs = _tuple(example_inputs)
         self.round_to = cfg.round_to or round_to
         model.eval()  # tracing runs forward passes: do not move BatchNorm statistics
-        user = resolve_layers(model, cfg.ignore_layers)
+        resolve_layers(model, cfg.ignore_layers)  # unknown names are errors
         permutations = permutation_modules(model)
         try:
             shuffled = groups_through_permutations(model, self.example_inputs, permutations) if permutations else []
@@ -159,25 +173,13 @@ class ChannelPruner:
         self.ignored_names = list(dict.fromkeys(
             output_layers(model, self.example_inputs) + attention_projections(model) + cfg.ignore_layers
             + shuffled))
-        ignored = [model.get_submodule(n) for n in self.ignored_names] + user
         self.heads_before = attention_heads(model)
         self.widths_before = layer_widths(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.output_shapes = [list(t.shape) for t in _flat_outputs(self._forward())]
-        num_heads = {model.get_submodule(n).qkv: h for n, h in self.heads_before.items()}
-        torch.manual_seed(cfg.finetune.seed)  # random importance and tie-breaking
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "unwrapped parameters" notices for position embeddings
-                self.pruner = tp.pruner.BasePruner(
-                    model, self.example_inputs, importance=make_importance(cfg.importance),
-                    global_pruning=cfg.global_pruning, pruning_ratio=ratio,
-                    max_pruning_ratio=0.9 if cfg.global_pruning else 1.0,
-                    iterative_steps=cfg.iterative_steps, ignored_layers=ignored, round_to=self.round_to,
-                    num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
-                    head_pruning_ratio=ratio if num_heads else 0.0, customized_pruners=permutations)
-        except Exception as e:  # tracing failures come out as arbitrary exceptions
-            raise _untraceable(model, e) from e
+        self.ignored = [model.get_submodule(n) for n in self.ignored_names]
+        self.permutations = permutations
+        self._make_pruner()  # fails early if the graph cannot be traced
         groups = list(self.pruner.DG.get_all_groups(ignored_layers=self.pruner.ignored_layers,
                                                     root_module_types=self.pruner.root_module_types))
         if not groups:
@@ -185,6 +187,24 @@ class ChannelPruner:
                 f"{type(model).__name__} has no prunable channel group: every conv/linear layer is "
                 f"ignored or feeds an ignored layer (ignored: {', '.join(self.ignored_names) or 'none'})",
                 "remove layers from ignore_layers, or build without pruning")
+
+    def _make_pruner(self) -> None:
+        num_heads = {self.model.get_submodule(n).qkv: h for n, h in self.heads_before.items()}
+        torch.manual_seed(self.cfg.finetune.seed)  # random importance and ties
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "unwrapped parameters" notices for position embeddings
+                self.pruner = _Pruner(
+                    self.model, self.example_inputs, importance=make_importance(self.cfg.importance),
+                    global_pruning=self.cfg.global_pruning, pruning_ratio=self.ratio,
+                    iterative_steps=self.cfg.iterative_steps,
+                    max_pruning_ratio=0.9 if self.cfg.global_pruning else 1.0,
+                    ignored_layers=self.ignored, round_to=self.round_to,
+                    num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
+                    head_pruning_ratio=self.ratio if num_heads else 0.0,
+                    customized_pruners=self.permutations)
+        except Exception as e:  # tracing failures come out as arbitrary exceptions
+            raise _untraceable(self.model, e) from e
 
     def _forward(self):
         with torch.no_grad():

@@ -36,6 +36,7 @@ class PruneRecord:
     history: list = field(default_factory=list)  # torch-pruning history, replayed by load_pruned
     finetune: list[dict] = field(default_factory=list)  # one summary per fine-tuning run
     latency_search: list[dict] = field(default_factory=list)  # [{"ratio", "p50_ms"}] measured candidates
+    accuracy: dict = field(default_factory=dict)  # {"metric", "before", "pruned", "finetuned"} on eval
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -79,6 +80,12 @@ class PruneRecord:
         if self.latency_search:
             lines += ["Latency search (measured, ms p50): " + ", ".join(
                 f"ratio {c['ratio']:.3f} → {c['p50_ms']:.2f}" for c in self.latency_search), ""]
+        acc = self.accuracy
+        if acc.get("before") is not None:
+            steps = [f"{100 * acc['before']:.2f}% before"]
+            steps += [f"{100 * acc[k]:.2f}% {label}" for k, label in (("pruned", "after pruning"),
+                      ("finetuned", "after fine-tuning")) if acc.get(k) is not None]
+            lines += [f"Eval {acc['metric']}: " + " → ".join(steps) + ".", ""]
         for ft in self.finetune:
             lines.append(_finetune_line(ft))
         if self.finetune:

@@ -1,0 +1,98 @@
+"""The pruning stage of `edgepack build`: goal -> ratio -> prune (+ fine-tune) -> record."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+from torch import nn
+
+from .config import PruneConfig
+from .engine import _tuple, prune_model
+from .finetune import evaluate, finetune
+from .latency import search_latency_ratio
+from .measure import count_macs_params
+from .record import PruneRecord
+
+Progress = Callable[[dict], None]
+
+
+def run_prune_stage(model: nn.Module, example_inputs, cfg: PruneConfig, profile, train=None, eval=None,
+                    progress: Progress | None = None) -> tuple[nn.Module, PruneRecord | None]:
+    """Prune `model` for `profile` as `cfg` asks and fine-tune it by distillation from the
+    original. Returns (model, record); (model, None) when cfg asks for no pruning. The input
+    model is not modified.
+
+    Raises EdgepackError for bad options or data, and its subclass UnprunableModel when the
+    architecture cannot be pruned (callers may catch that one and go on unpruned)."""
+    if not cfg.enabled:
+        return model, None
+    example_inputs = _tuple(example_inputs)
+    teacher = copy.deepcopy(model).eval()
+    calib = train if train is not None else eval
+    search = []
+    if cfg.to_latency:
+        ratio, search = search_latency_ratio(model, example_inputs, profile, cfg, calib, progress=progress)
+        if ratio == 0.0:
+            return model, unpruned_record(model, example_inputs, cfg, search, profile)
+        requested = {"latency_p50_ms": profile.budgets.latency_p50_ms}
+    else:
+        ratio, requested = None, None
+    pruned, record = prune_and_finetune(model, example_inputs, cfg, teacher, train, eval,
+                                        ratio=ratio, round_to=profile.simd_width, progress=progress)
+    if requested:
+        record.requested = requested
+    record.latency_search = search
+    return pruned, record
+
+
+def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teacher: nn.Module | None,
+                       train=None, eval=None, *, ratio: float | None = None, round_to: int | None = None,
+                       progress: Progress | None = None) -> tuple[nn.Module, PruneRecord]:
+    """Prune in cfg.iterative_steps steps with fine-tuning after each; the epochs and the
+    max_minutes bound are shared across steps."""
+    ft = cfg.finetune
+    steps = cfg.iterative_steps
+    start = time.monotonic()
+    deadline = start + 60 * ft.max_minutes if ft.max_minutes else None
+    summaries: list[dict] = []
+    acc_before = evaluate(model, eval, ft.batch_size, teacher)
+
+    def tune(step: int, student: nn.Module) -> None:
+        epochs = ft.epochs // steps if step < steps - 1 else ft.epochs - (steps - 1) * (ft.epochs // steps)
+        step_cfg = ft.model_copy(update={"epochs": epochs, "max_minutes": None})
+        report = None if progress is None else (lambda info: progress({"stage": "fine-tune", "step": step + 1,
+                                                                        "steps": steps, **info}))
+        summary = finetune(student, teacher, train, eval, step_cfg, report, deadline)
+        summaries.append({"step": step + 1, **summary})
+
+    if progress is not None:
+        progress({"stage": "prune", "ratio": ratio if ratio is not None else cfg.ratio})
+    pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=train,
+                                 between_steps=tune)
+    acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None
+    tune(steps - 1, pruned)
+    record.finetune = summaries
+    record.warnings += list(dict.fromkeys(w for s in summaries for w in s.pop("warnings")))
+    record.accuracy = {"metric": _metric(eval), "before": acc_before, "pruned": acc_pruned,
+                       "finetuned": evaluate(pruned, eval, ft.batch_size, teacher),
+                       "seconds": round(time.monotonic() - start, 2)}
+    return pruned, record
+
+
+def unpruned_record(model: nn.Module, example_inputs, cfg: PruneConfig, search: list[dict], profile) -> PruneRecord:
+    macs, params = count_macs_params(model, example_inputs)
+    outputs = model.eval()(*example_inputs)
+    return PruneRecord(
+        requested={"latency_p50_ms": profile.budgets.latency_p50_ms}, ratio=0.0, importance=cfg.importance,
+        global_pruning=cfg.global_pruning, round_to=cfg.round_to or profile.simd_width,
+        iterative_steps=0, macs_before=macs, macs_after=macs, params_before=params, params_after=params,
+        input_shapes=[list(t.shape) for t in example_inputs], output_shapes=[list(outputs.shape)],
+        ignored_layers=[], latency_search=search,
+        warnings=["the unpruned model already meets the latency budget: nothing was pruned"])
+
+
+def _metric(data) -> str | None:
+    if data is None:
+        return None
+    return "top-1 accuracy" if data.labelled else "top-1 agreement with the unpruned model"
