@@ -1,0 +1,175 @@
+"""Run code on the emulated device, and compare an artifact's aarch64 outputs with x86 ones."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgepackError
+from .prepare import EmulatorEnv, find_emulator, find_qemu, prepare_emulator
+
+_RUNTIME_PY = Path(__file__).resolve().parent.parent / "runtime.py"
+
+
+def _resolve(emulator: EmulatorEnv | None, kind: str, prepare: bool, progress=None) -> EmulatorEnv:
+    if emulator is not None:
+        return emulator
+    env = find_emulator(kind)
+    if env is None:
+        if not prepare:
+            raise EdgepackError(f"the emulated {kind!r} device is not prepared",
+                                f"edgepack devices emulate {kind}   (or prepare_emulator({kind!r}))")
+        env = prepare_emulator(kind, progress=progress)
+    return env
+
+
+def run_emulated(args: list[str], *, kind: str = "rpi", emulator: EmulatorEnv | None = None,
+                 prepare: bool = False, cwd: str | os.PathLike | None = None, env: dict | None = None,
+                 input: str | bytes | None = None, timeout: float | None = None,
+                 capture_output: bool = True, text: bool = True, check: bool = False,
+                 qemu: str | None = None) -> subprocess.CompletedProcess:
+    """Run the emulated aarch64 `python3 *args` (e.g. ["-c", CODE] or ["script.py", ...]).
+
+    Returns the CompletedProcess (returncode, stdout, stderr as text by default). With
+    check=True a non-zero exit raises EdgepackError carrying the stderr tail. `prepare=True`
+    prepares the environment when it is missing (minutes, downloads); otherwise a missing
+    environment raises EdgepackError with the command that prepares it. `qemu` names another
+    qemu binary (also settable with $EDGEPACK_QEMU); a missing one raises EdgepackError.
+    """
+    em = _resolve(emulator, kind, prepare)
+    full_env = dict(os.environ if env is None else env)
+    full_env["EDGEPACK_QEMU"] = find_qemu(qemu)
+    try:
+        p = subprocess.run([str(em.python), *map(str, args)], cwd=cwd, env=full_env, input=input,
+                           timeout=timeout, capture_output=capture_output, text=text)
+    except subprocess.TimeoutExpired as e:
+        raise EdgepackError(f"emulated python {' '.join(map(str, args))[:120]} timed out after "
+                            f"{timeout} s", "emulation is 10-50x slower than native: use fewer "
+                            "samples or a longer timeout") from e
+    if check and p.returncode != 0:
+        err = p.stderr if isinstance(p.stderr, str) else (p.stderr or b"").decode(errors="replace")
+        tail = "\n".join((err or "").strip().splitlines()[-15:])
+        raise EdgepackError(f"emulated python exited with {p.returncode}:\n{tail}")
+    return p
+
+
+_COMPARE_SCRIPT = r'''
+import json, os, platform, sys, time
+import numpy as np
+from runtime import open_model, available_runtimes
+
+artifact, workdir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+n_inputs = int(sys.argv[4])
+xs = [np.load(os.path.join(workdir, f"input{i}.npy")) for i in range(n_inputs)]
+t0 = time.perf_counter()
+runner = open_model(artifact, threads)
+load_s = time.perf_counter() - t0
+n = xs[0].shape[0]
+fixed_batch = [s[0] if s and isinstance(s[0], int) else None for s in runner.input_shapes]
+outs = None
+t0 = time.perf_counter()
+fixed = [b for b in fixed_batch if b]
+step = fixed[0] if fixed else max(1, min(n, 32))
+for start in range(0, n, step):
+    ys = runner.run([x[start:start + step] for x in xs])
+    if outs is None:
+        outs = [[] for _ in ys]
+    for acc, y in zip(outs, ys):
+        acc.append(np.asarray(y))
+run_s = time.perf_counter() - t0
+for i, acc in enumerate(outs):
+    np.save(os.path.join(workdir, f"output{i}.npy"), np.concatenate(acc, axis=0))
+cpu = ""
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith(("Model", "CPU part")):
+            cpu = cpu or line.split(":", 1)[1].strip()
+except OSError:
+    pass
+print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
+                  "backend": runner.backend, "backend_version": runner.backend_version,
+                  "runtimes": available_runtimes(), "samples": int(n), "n_outputs": len(outs),
+                  "load_s": load_s, "run_s": run_s, "cpu": cpu}))
+'''
+
+
+def _as_list(a) -> list[np.ndarray]:
+    if isinstance(a, np.ndarray):
+        return [a]
+    return [np.asarray(x) for x in a]
+
+
+def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *, kind: str = "rpi",
+                        threads: int = 1, limit: int | None = None,
+                        emulator: EmulatorEnv | None = None, prepare: bool = False,
+                        timeout: float | None = 1800) -> dict:
+    """Run `artifact_path` (.onnx or .tflite) on the emulated aarch64 runtime over `inputs`
+    (an (N, ...) array, or a list of them for multi-input models) and compare with
+    `x86_outputs` (the first output, (N, ...), or a list matching the model's outputs).
+
+    Returns {"artifact", "format", "samples", "top1_agreement" (0..1, argmax over the last axis
+    of the first output), "max_abs_diff", "mean_abs_diff", "outputs_shape", "machine"
+    (platform.machine() inside: "aarch64"), "python", "backend", "backend_version",
+    "runtimes" (aarch64 runtime versions), "cpu", "qemu_cpu", "emulated": True,
+    "emulated_seconds"}. Raises EdgepackError when the artifact cannot be run there.
+    """
+    em = _resolve(emulator, kind, prepare)
+    artifact = Path(artifact_path).resolve()
+    if not artifact.is_file():
+        raise EdgepackError(f"artifact {artifact} not found")
+    fmt = artifact.suffix.lower().lstrip(".")
+    if fmt not in ("onnx", "tflite"):
+        raise EdgepackError(f"{artifact}: unknown model format (expected .onnx or .tflite)")
+    xs = _as_list(inputs)
+    refs = _as_list(x86_outputs)
+    n = xs[0].shape[0]
+    if limit is not None and limit < n:
+        xs = [x[:limit] for x in xs]
+        refs = [r[:limit] for r in refs]
+        n = limit
+    if refs[0].shape[0] != n:
+        raise EdgepackError(f"x86_outputs has {refs[0].shape[0]} samples but inputs have {n}")
+    work = Path(tempfile.mkdtemp(prefix="edgepack-emu-compare-"))
+    try:
+        shutil.copy(_RUNTIME_PY, work / "runtime.py")
+        (work / "compare.py").write_text(_COMPARE_SCRIPT)
+        for i, x in enumerate(xs):
+            np.save(work / f"input{i}.npy", np.ascontiguousarray(x))
+        t0 = time.perf_counter()
+        p = run_emulated([str(work / "compare.py"), str(artifact), str(work), str(threads), str(len(xs))],
+                         emulator=em, cwd=work, timeout=timeout)
+        seconds = time.perf_counter() - t0
+        if p.returncode != 0:
+            tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+            raise EdgepackError(f"{artifact.name} failed on the emulated aarch64 {fmt} runtime "
+                                f"(exit {p.returncode}):\n{tail}",
+                                "the model may use an op the aarch64 runtime lacks; run "
+                                "`edgepack devices emulate rpi --rebuild` if the environment is damaged")
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+        outs = [np.load(work / f"output{i}.npy") for i in range(info["n_outputs"])]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    a = outs[0].astype(np.float64).reshape(n, -1)
+    b = refs[0].astype(np.float64).reshape(n, -1)
+    if a.shape != b.shape:
+        raise EdgepackError(f"output shape differs: aarch64 {outs[0].shape} vs x86 {refs[0].shape}")
+    diffs = [float(np.max(np.abs(o.astype(np.float64).reshape(-1) - r.astype(np.float64).reshape(-1))))
+             for o, r in zip(outs, refs) if o.size == r.size]
+    return {
+        "artifact": str(artifact), "format": fmt, "samples": int(n),
+        "top1_agreement": float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))),
+        "max_abs_diff": max(diffs) if diffs else float("nan"),
+        "mean_abs_diff": float(np.mean(np.abs(a - b))),
+        "outputs_shape": list(outs[0].shape),
+        "machine": info["machine"], "python": info["python"],
+        "backend": info["backend"], "backend_version": info["backend_version"],
+        "runtimes": info["runtimes"], "cpu": info["cpu"], "qemu_cpu": em.qemu_cpu,
+        "kind": em.kind, "threads": threads, "emulated": True,
+        "emulated_seconds": round(seconds, 2),
+    }
