@@ -1,0 +1,168 @@
+"""Deploy and bench over real SSH: sshd servers on 127.0.0.1, each with its own host key,
+port and authorised key. No mocks: every fault below is the real thing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sshd as sshd_mod  # noqa: E402
+from conftest_devices import (build_dir, client_key, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
+                              VENV_PYTHON)
+
+from edgepack.devices import DeviceError, DeviceUnreachable, bench, bench_fleet, check_device, deploy  # noqa: E402
+from edgepack.devices.summary import fleet_table  # noqa: E402
+from edgepack.manifest import read_manifest  # noqa: E402
+
+pytestmark = pytest.mark.ssh
+
+
+def test_ssh_deploy_and_bench(build_dir, ssh_device):
+    dev, _ = ssh_device("pi-a")
+    info = check_device(dev)
+    assert info["ok"] and info["machine"] == "x86_64" and info["runtimes"]["onnxruntime"]
+    first = deploy(build_dir, dev)
+    assert len(first["sent"]) == 4 and Path(first["path"], "model.fp32.onnx").is_file()
+    r = bench(build_dir, dev, threads=1, runs=10, warmup=1)
+    assert r["passed"] and r["where"].startswith("root@127.0.0.1:") and r["deploy"]["sent"] == []
+    assert read_manifest(build_dir).bench[-1]["device"] == "pi-a"
+
+
+def test_unreachable_host(build_dir, ssh_device):
+    dev, server = ssh_device("gone")
+    server.kill()  # nothing listens on that port any more
+    with pytest.raises(DeviceUnreachable, match=rf"device gone: cannot connect to root@127.0.0.1:{server.port} "
+                                                r"\(connection refused\)"):
+        deploy(build_dir, dev)
+
+
+def test_refused_client_key(build_dir, ssh_device, tmp_path):
+    stranger = sshd_mod.keygen(tmp_path / "stranger")
+    dev, _ = ssh_device("locked", key_file=stranger)
+    with pytest.raises(DeviceError, match=rf"device locked: root@127.0.0.1:\d+ refused the key {stranger}") as e:
+        deploy(build_dir, dev)
+    assert not isinstance(e.value, DeviceUnreachable) and "ssh-copy-id" in e.value.hint
+
+
+def test_changed_host_key_is_always_refused(build_dir, ssh_device, tmp_path, client_key, ssh_servers):
+    other = ssh_servers("impostor", Path(f"{client_key}.pub"))
+    dev, real = ssh_device("moved")
+    # known_hosts remembers the real device's key, but the impostor answers on that address.
+    known = Path(dev.ssh.known_hosts)
+    known.write_text(real.known_hosts_line().replace(f":{real.port}", f":{other.port}"))
+    dev.ssh.port = other.port
+    before = known.read_text()
+    for accept in (False, True):
+        with pytest.raises(DeviceError, match=r"host key of .* has CHANGED: it offered ssh-ed25519 "
+                                              + other.fingerprint().replace("+", r"\+")) as e:
+            deploy(build_dir, dev, accept_new_host_key=accept)
+        assert real.fingerprint() in str(e.value) and "ssh-keygen -R" in e.value.hint
+    assert known.read_text() == before
+
+
+def test_unknown_host_key_needs_accept_flag(build_dir, ssh_device):
+    dev, server = ssh_device("new", trusted=False)
+    with pytest.raises(DeviceError, match=r"host \[127.0.0.1\]:\d+ is not in .*known_hosts-new.*"
+                                          + server.fingerprint().replace("+", r"\+")) as e:
+        deploy(build_dir, dev)
+    assert "--accept-new-host-key" in e.value.hint
+    assert Path(dev.ssh.known_hosts).read_text() == ""
+    deploy(build_dir, dev, accept_new_host_key=True)
+    assert f"[127.0.0.1]:{server.port} ssh-ed25519 " in Path(dev.ssh.known_hosts).read_text()
+    assert deploy(build_dir, dev)["sent"] == []  # remembered: no flag needed any more
+
+
+def test_missing_runtime_on_device(build_dir, ssh_device):
+    dev, _ = ssh_device("bare", python="/usr/bin/python3")
+    with pytest.raises(DeviceError) as e:
+        deploy(build_dir, dev)
+    msg = str(e.value)
+    assert "device bare (root@127.0.0.1:" in msg
+    assert "numpy cannot be imported by /usr/bin/python3" in msg and "onnxruntime cannot be imported" in msg
+    assert "/usr/bin/python3 -m pip install onnxruntime" in msg
+
+
+def test_tampered_artifact_on_device(build_dir, ssh_device):
+    dev, _ = ssh_device("tamper")
+    dep = deploy(build_dir, dev)
+    with open(Path(dep["path"]) / "model.fp32.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\xff" * 8)
+    with pytest.raises(DeviceError, match=r"device tamper: the agent refused: artifact model.fp32.onnx has "
+                                          r"sha256 \w+ but the manifest says"):
+        bench(build_dir, dev, runs=3, warmup=0, redeploy=False)
+    assert bench(build_dir, dev, runs=3, warmup=0)["deploy"]["sent"] == ["model.fp32.onnx"]  # repaired
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_disk_full_on_device(tmp_path, ssh_device, tiny_disk):
+    b = make_build(tmp_path / "build", channels=8)
+    (tiny_disk / "filler").write_bytes(b"x" * 150_000)  # leave ~50 kB: less than the deploy needs
+    dev, _ = ssh_device("full", workdir=str(tiny_disk / "edgepack"))
+    with pytest.raises(DeviceError, match=r"device full: not enough disk space in .*tiny-disk/edgepack: the "
+                                          r"deploy needs 0.\d+ MB, 0.0\d MB are free") as e:
+        deploy(b, dev)
+    assert "workdir" in e.value.hint
+    assert not list(tiny_disk.rglob("*.partial"))  # nothing half-uploaded left to fill the disk
+    (tiny_disk / "filler").unlink()
+    assert len(deploy(b, dev)["sent"]) == 4
+
+
+def _agent_running(workdir: str) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"agent.py" in cmd and workdir.encode() in cmd:
+                return True
+    return False
+
+
+def test_fleet_survives_a_device_dying_mid_benchmark(build_dir, ssh_device):
+    devs = [ssh_device(f"fleet-{i}") for i in range(3)]
+    victim_dev, victim = devs[1]
+
+    def kill_when_benchmarking():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _agent_running(victim_dev.workdir):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        victim.kill()
+
+    killer = threading.Thread(target=kill_when_benchmarking)
+    killer.start()
+    fleet = bench_fleet(build_dir, [d for d, _ in devs], threads=1, runs=8000, warmup=0, retries=1, timeout_s=120)
+    killer.join()
+    by_name = {r["device"]: r for r in fleet["results"]}
+    assert fleet["ok"] == 2 and fleet["failed"] == 1 and not fleet["passed"]
+    assert by_name["fleet-0"]["ok"] and by_name["fleet-2"]["ok"]
+    lost = by_name["fleet-1"]
+    assert not lost["ok"] and len(lost["attempts"]) == 2
+    assert "device fleet-1: connection to root@127.0.0.1" in lost["attempts"][0] and "lost after" in lost["attempts"][0]
+    assert "connection refused" in lost["attempts"][1] and "failed 2 times" in lost["error"]
+    # The survivors' results were recorded; the table shows every device.
+    assert sorted(b["device"] for b in read_manifest(build_dir).bench) == ["fleet-0", "fleet-2"]
+    from rich.console import Console
+    console = Console(record=True, width=200)
+    console.print(fleet_table(fleet))
+    text = console.export_text()
+    assert all(f"fleet-{i}" in text for i in range(3)) and "FAILED" in text
