@@ -23,6 +23,8 @@ def emulate(
                                                             "pi5-emu for rpi5)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="prepare from scratch even when cached"),
     remove: bool = typer.Option(False, "--remove", help="delete the emulated device(s) and the cache"),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="with --remove: keep the prepared "
+                                                                "environment, remove only the device file"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     from ..emulate import KINDS, register_emulated_device, remove_emulator
@@ -31,7 +33,7 @@ def emulate(
 
     if remove:
         target = what or name
-        removed = remove_emulator(target)
+        removed = remove_emulator(target, keep_cache=keep_cache)
         if as_json:
             sys.stdout.write(json.dumps(removed, indent=2) + "\n")
             return
@@ -74,5 +76,5 @@ def register(app: typer.Typer) -> None:
             sub = info.typer_instance
             if not any(c.name == "emulate" for c in sub.registered_commands):
                 sub.command("emulate", help=HELP)(emulate)
-            break
-    app.command("emulate", help=HELP)(emulate)
+    if not any(c.name == "emulate" for c in app.registered_commands):
+        app.command("emulate", help=HELP)(emulate)
