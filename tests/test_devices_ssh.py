@@ -132,7 +132,9 @@ def _agent_running(workdir: str) -> bool:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"agent.py" in cmd and workdir.encode() in cmd:
+            args = cmd.split(b"\0")
+            # The agent itself (not a deploy step whose arguments merely mention agent.py).
+            if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in args):
                 return True
     return False
 

@@ -104,7 +104,8 @@ def fingerprint(key) -> str:
 
 
 def _short(argv: list[str], limit: int = 160) -> str:
-    text = " ".join(a if len(a) < 80 else a[:40] + "..." for a in argv)
+    # A `python -c SCRIPT` argument would swamp the message: name it instead of printing it.
+    text = " ".join("<script>" if "\n" in a else a if len(a) < 80 else a[:40] + "..." for a in argv)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
