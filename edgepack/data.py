@@ -63,9 +63,11 @@ class Preprocess:
     std: list[float] = field(default_factory=lambda: [1.0])
 
 
-def load_dataset(spec: str | Path, input_shape: tuple[int, ...], pre: Preprocess | None = None,
+def load_dataset(spec: str | Path, input_shape: tuple[int, ...] | None, pre: Preprocess | None = None,
                  what: str = "data") -> Dataset:
-    """Load a folder of images, an .npz/.npy file, or a `module:function` into a Dataset."""
+    """Load a folder of images, an .npz/.npy file, or a `module:function` into a Dataset.
+
+    With `input_shape=None` the samples' own shape is kept (used to infer the model's input)."""
     pre = pre or Preprocess()
     spec_s = str(spec)
     path = Path(spec_s)
@@ -84,13 +86,14 @@ def load_dataset(spec: str | Path, input_shape: tuple[int, ...], pre: Preprocess
     else:
         raise EdgepackError(f"{what} {spec_s}: unsupported kind of file",
                             "use a folder of images, an .npz with arrays x (and y), or module:function")
-    return _validated(ds, input_shape, what)
+    return conform(ds, input_shape, what)
 
 
 def _load_image_folder(root: Path, input_shape, pre: Preprocess) -> Dataset:
     from PIL import Image, UnidentifiedImageError
-    if len(input_shape) != 3:
-        raise EdgepackError(f"{root} is an image folder but the model input shape {tuple(input_shape)} is not C x H x W")
+    if input_shape is None or len(input_shape) != 3:
+        raise EdgepackError(f"{root} is an image folder, so the model input shape must be C x H x W "
+                            f"(got {input_shape})", "pass --input-shape, e.g. --input-shape 1x3x224x224")
     c, h, w = input_shape
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes:
@@ -155,12 +158,13 @@ def _load_callable(spec: str) -> Dataset:
     return Dataset(np.concatenate(xs), np.concatenate(ys) if ys else None, spec)
 
 
-def _validated(ds: Dataset, input_shape, what: str) -> Dataset:
+def conform(ds: Dataset, input_shape, what: str) -> Dataset:
+    """Check samples against the model input shape (None: keep their own), labels against samples."""
     x = np.asarray(ds.x)
     if x.dtype.kind not in "fiu":
         raise EdgepackError(f"{what} {ds.source}: inputs must be numeric, got {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    want = tuple(int(s) for s in input_shape)
+    want = tuple(int(s) for s in input_shape) if input_shape is not None else tuple(x.shape[1:])
     if x.ndim == len(want) and len(want) >= 2 and want[0] == 1:
         x = x[:, None]  # (N, H, W) for a single-channel model
     if len(x) == 0:

@@ -82,8 +82,9 @@ def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
 
 
 def load_model(spec: str, weights: str | None = None, input_shape=None,
-               trust_pickle: bool = False) -> LoadedModel:
-    """Load a model from `spec` and check it accepts `input_shape`."""
+               trust_pickle: bool = False, data_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Load a model from `spec` and check it accepts its input shape: `input_shape` if given,
+    else the shape the model declares (`model.input_shape`), else `data_shape` (from the data)."""
     shape = parse_shape(input_shape)
     path = Path(spec)
     if path.suffix.lower() == ".onnx":
@@ -100,11 +101,12 @@ def load_model(spec: str, weights: str | None = None, input_shape=None,
                                 "call it in Python to debug; it must return an nn.Module") from e
         if not isinstance(module, nn.Module):
             raise EdgepackError(f"model factory {spec} returned {type(module).__name__}, not a torch.nn.Module")
-        name = spec.rpartition(":")[2]
+        target, _, attr = spec.rpartition(":")
+        name = Path(target).stem if target.endswith(".py") else attr
     if weights:
         load_weights(module, Path(weights))
     module.eval()
-    shape = shape or _declared_shape(module)
+    shape = shape or _declared_shape(module) or data_shape
     if shape is None:
         raise EdgepackError(f"cannot tell the input shape of {spec}",
                             "pass --input-shape, e.g. --input-shape 1x3x224x224")

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepackError as e:
         if debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
         if e.hint:
-            console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+            console.print(f"[yellow]hint:[/] {e.hint}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

@@ -25,7 +25,7 @@ TRAIN_SPEC = "edgepack.example:train_data"
 class DigitsCNN(nn.Module):
     input_shape = (1, 1, SIZE, SIZE)
 
-    def __init__(self, width: int = 16, num_classes: int = 10):
+    def __init__(self, width: int = 40, num_classes: int = 10):
         super().__init__()
 
         def block(cin, cout):

@@ -1,4 +1,4 @@
-"""`edgepack build`: load -> (prune) -> export -> int8 -> (TFLite) -> validate -> write, atomically.
+"""The `edgepack build` pipeline: load -> (prune) -> export -> int8 -> (TFLite) -> validate -> write, atomically.
 
 Each stage lives in its own module; this file only sequences them, records what they did and
 writes the build directory (temporary path, then rename: a failed build never replaces a good one).
@@ -65,7 +65,9 @@ def resolve_profile(cfg: BuildConfig) -> TargetProfile:
 def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **overrides) -> BuildResult:
     """Build, validate and write one artifact directory. Never raises for a missed budget: check
     `result.passed` (the CLI exits 1 then). Raises EdgepackError for bad input."""
-    cfg = (cfg or BuildConfig()).model_copy(update=overrides)
+    if overrides:  # validated like a config file, so budgets={"size_mb": 5} works too
+        cfg = BuildConfig.model_validate({**(cfg or BuildConfig()).model_dump(exclude_unset=True), **overrides})
+    cfg = cfg or BuildConfig()
     say = progress or (lambda msg: None)
     profile = resolve_profile(cfg)
     out_root = _writable_dir(Path(cfg.out))
@@ -78,8 +80,16 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
         say("using the embedded default: a digits CNN with the scikit-learn digits")
 
     say(f"loading {cfg.model}")
-    loaded = load_model(cfg.model, cfg.weights, cfg.input_shape, cfg.trust_pickle)
-    data = _load_data(cfg, loaded)
+    pre = Preprocess(cfg.data.mean, cfg.data.std)
+    if not cfg.calib:
+        raise EdgepackError("int8 calibration needs representative data: none was given",
+                            "pass --calib DIR|file.npz|module:function (a few hundred samples is plenty)")
+    raw_calib = None
+    if cfg.input_shape is None and not Path(cfg.calib).is_dir():
+        raw_calib = load_dataset(cfg.calib, None, pre, "calibration data")  # its shape may be the model's
+    loaded = load_model(cfg.model, cfg.weights, cfg.input_shape, cfg.trust_pickle,
+                        data_shape=(1, *raw_calib.x.shape[1:]) if raw_calib is not None else None)
+    data = _load_data(cfg, loaded, pre, raw_calib)
     name = cfg.name or loaded.name.replace("_", "-")
     final = out_root / f"{name}-{profile.name}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
@@ -255,12 +265,12 @@ def _torch_predict(module, data: Dataset, batch_size: int = 64) -> np.ndarray:
         return np.concatenate([module(torch.from_numpy(x)).numpy() for x, _ in data.batches(batch_size)])
 
 
-def _load_data(cfg: BuildConfig, loaded: LoadedModel) -> dict:
-    pre = Preprocess(cfg.data.mean, cfg.data.std)
-    if not cfg.calib:
-        raise EdgepackError("int8 calibration needs representative data: none was given",
-                            "pass --calib DIR|file.npz|module:function (a few hundred samples is plenty)")
-    calib = load_dataset(cfg.calib, loaded.sample_shape, pre, "calibration data")
+def _load_data(cfg: BuildConfig, loaded: LoadedModel, pre: Preprocess, raw_calib: Dataset | None) -> dict:
+    if raw_calib is not None:
+        from .data import conform
+        calib = conform(raw_calib, loaded.sample_shape, "calibration data")
+    else:
+        calib = load_dataset(cfg.calib, loaded.sample_shape, pre, "calibration data")
     check_calibration_data(calib)
     evals = load_dataset(cfg.eval, loaded.sample_shape, pre, "evaluation data") if cfg.eval else calib
     if not np.isfinite(evals.x).all():

@@ -1,0 +1,119 @@
+"""`edgepack build`: flags -> BuildConfig -> edgepack.build.build()."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import console, out
+from ..errors import BudgetNotMet, EdgepackError
+
+
+def _parse_budgets(items: list[str]) -> dict:
+    budgets = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EdgepackError(f"--budget {item!r} must look like KEY=VALUE, e.g. latency_p50_ms=20")
+        try:
+            budgets[key.strip()] = float(value)
+        except ValueError:
+            raise EdgepackError(f"--budget {item!r}: {value!r} is not a number") from None
+    return budgets
+
+
+def summary_table(result) -> Table:
+    from ..report import ARTIFACT_HEADER, artifact_rows, verdict_rows
+    m = result.manifest
+    t = Table(title=f"{m.name} for {m.target['name']}: {'PASS' if m.passed else 'FAIL'}", title_justify="left")
+    for h in ARTIFACT_HEADER:
+        t.add_column(h, justify="left" if h in ("artifact", "format", "precision") else "right")
+    for row in artifact_rows(m, result.sections.get("peak_mb")):
+        t.add_row(*row)
+    v = Table(title="budgets", title_justify="left")
+    for h in ("budget", "limit", "value", "verdict", "note"):
+        v.add_column(h)
+    for row in verdict_rows(m.verdicts):
+        row[3] = {"pass": "[green]pass[/]", "FAIL": "[bold red]FAIL[/]"}.get(row[3], row[3])
+        v.add_row(*row)
+    return t, v
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(help="Build a validated int8 artifact for a target (the embedded example if no --model).")
+    def build(
+        target: Optional[str] = typer.Option(None, "--target", "-t", help="target profile name or .toml path [default: x86]"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="file.py:factory, package.module:factory, model.onnx, or model.pt with --trust-pickle"),
+        weights: Optional[str] = typer.Option(None, "--weights", "-w", help=".safetensors or a torch state dict"),
+        input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224"),
+        calib: Optional[str] = typer.Option(None, "--calib", help="calibration data: image folder, .npz, or module:function"),
+        eval_: Optional[str] = typer.Option(None, "--eval", help="evaluation data (labels give accuracy; none give agreement)"),
+        train: Optional[str] = typer.Option(None, "--train", help="training data for fine-tuning after pruning"),
+        out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="output root [default: dist]"),
+        name: Optional[str] = typer.Option(None, "--name", help="build name [default: model name]"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="config file [default: ./edgepack.toml if present]"),
+        targets_dir: list[str] = typer.Option([], "--targets-dir", help="extra directory of target profiles"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="override the profile's thread count"),
+        formats: list[str] = typer.Option([], "--format", help="override the profile's formats: onnx, tflite (repeatable)"),
+        calibration_method: Optional[str] = typer.Option(None, "--calibration-method", help="MinMax, Entropy or Percentile"),
+        mean: Optional[str] = typer.Option(None, "--mean", help="image normalisation mean, e.g. 0.485,0.456,0.406"),
+        std: Optional[str] = typer.Option(None, "--std", help="image normalisation std, e.g. 0.229,0.224,0.225"),
+        budget: list[str] = typer.Option([], "--budget", help="override a budget: KEY=VALUE (repeatable)"),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full model file (runs its code)"),
+        no_fallback: bool = typer.Option(False, "--no-fallback", help="never leave sensitive nodes in float"),
+        max_float_nodes: Optional[int] = typer.Option(None, "--max-float-nodes", help="at most this many nodes left in float by the fallback [8]"),
+        latency_runs: Optional[int] = typer.Option(None, "--latency-runs", help="timed runs per artifact [50]"),
+        prune: Optional[float] = typer.Option(None, "--prune", help="prune this fraction of channels, 0 < R < 1"),
+        prune_to_latency: bool = typer.Option(False, "--prune-to-latency", help="prune until the profile's latency budget holds"),
+        prune_importance: Optional[str] = typer.Option(None, "--prune-importance", help="l1, l2, bn_scale, taylor or random"),
+        prune_ignore: list[str] = typer.Option([], "--prune-ignore", help="module name to leave unpruned (repeatable)"),
+        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="fine-tuning epochs after pruning"),
+        no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune on labels only, without distillation"),
+        allow_unpruned: bool = typer.Option(False, "--allow-unpruned", help="go on unpruned if the model cannot be pruned"),
+        device: Optional[str] = typer.Option(None, "--device", help="deploy to this device and benchmark there"),
+        devices_dir: list[str] = typer.Option([], "--devices-dir", help="extra device inventory directory"),
+        accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="trust an unknown SSH host key once"),
+        as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON on stdout"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    ):
+        from ..pipeline import build as run_build
+        from ..config import load_config
+        floats = lambda s: [float(v) for v in s.split(",")] if s else None  # noqa: E731
+        prune_cfg = None
+        if prune is not None or prune_to_latency:
+            prune_cfg = {k: v for k, v in {
+                "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
+                "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
+                "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
+            }.items() if v is not None}
+        cfg = load_config(config, {
+            "target": target, "model": model, "weights": weights,
+            "input_shape": [int(s) for s in input_shape.lower().split("x")] if input_shape and input_shape.replace("x", "").isdigit() else input_shape,
+            "calib": calib, "eval": eval_, "train": train, "out": out_dir, "name": name,
+            "targets_dir": targets_dir or None, "threads": threads, "formats": formats or None,
+            "calibration_method": calibration_method,
+            "data": {"mean": floats(mean), "std": floats(std)} if (mean or std) else None,
+            "budgets": _parse_budgets(budget) or None, "trust_pickle": trust_pickle or None,
+            "fallback": False if no_fallback else None, "max_float_nodes": max_float_nodes,
+            "latency_runs": latency_runs, "prune": prune_cfg, "device": device,
+            "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,
+        })
+        t0 = time.perf_counter()
+
+        def progress(msg: str) -> None:
+            if not quiet:
+                console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}", highlight=False)
+        result = run_build(cfg, progress=progress)
+        if as_json:
+            out.print_json(json.dumps({"path": str(result.path), "manifest": result.manifest.model_dump(mode="json")}))
+        elif not quiet:
+            for t in summary_table(result):
+                out.print(t)
+            out.print(f"build directory: {result.path}  (report: {result.path / 'report.md'})")
+        if not result.passed:
+            failed = [v.budget for v in result.manifest.verdicts if v.ok is False]
+            raise BudgetNotMet(f"budget not met: {', '.join(failed)} (report written to {result.path / 'report.md'})")

@@ -1,0 +1,72 @@
+"""Shared fixtures: a user-style model file with weights and data, written to a temp dir."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MYNET = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class MyNet(nn.Module):
+        def __init__(self, classes=4):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Linear(32, classes)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def build():
+        return MyNet()
+
+    def broken():
+        raise RuntimeError("factory exploded on purpose")
+
+    def calib_data():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(40, 3, 16, 16, generator=g).numpy()
+''')
+
+
+@pytest.fixture(scope="session")
+def user_model(tmp_path_factory) -> dict:
+    """mynet.py:build + mynet.safetensors + calib.npz/val.npz, input 1x3x16x16, 4 classes."""
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("usermodel")
+    (root / "mynet.py").write_text(MYNET)
+    ns: dict = {}
+    exec(MYNET, ns)
+    torch.manual_seed(0)
+    model = ns["build"]().eval()
+    save_file(model.state_dict(), str(root / "mynet.safetensors"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()  # labels the float model gets right
+    np.savez(root / "calib.npz", x=x[:64])
+    np.savez(root / "val.npz", x=x[64:], y=y[64:])
+    return {"root": root, "model": f"{root / 'mynet.py'}:build", "weights": str(root / "mynet.safetensors"),
+            "calib": str(root / "calib.npz"), "eval": str(root / "val.npz"), "module": model,
+            "shape": "1x3x16x16"}
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the edgepack CLI in-process; returns (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    from edgepack import cli
+    o, e = io.StringIO(), io.StringIO()
+    cli.console.file, cli.out.file = e, o
+    try:
+        with redirect_stdout(o), redirect_stderr(e):
+            code = cli.main(list(args))
+    finally:
+        cli.console.file = cli.out.file = None
+    return code, o.getvalue(), e.getvalue()

@@ -1,0 +1,145 @@
+"""The build spine end to end on small real models: files produced, loaded, numbers checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from edgepack import runtime
+from edgepack.manifest import read_manifest, sha256_file
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    code, stdout, err = run_cli("build", "--target", "x86", "--out", str(out), "--latency-runs", "10")
+    assert code == 0, err
+    return out / "digits-cnn-x86", stdout, err
+
+
+def test_default_build_writes_the_contract(default_build):
+    path, stdout, err = default_build
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "report.md"]
+    m = read_manifest(path)
+    assert m.passed and m.primary == "model.int8.onnx" and m.target["name"] == "x86"
+    assert m.inputs[0].shape[1:] == [1, 32, 32] and m.inputs[0].layout == "NCHW"
+    for a in m.artifacts:
+        assert a.sha256 == sha256_file(path / a.path)
+        assert a.size_bytes == (path / a.path).stat().st_size
+        assert a.metrics.latency_ms.p50 > 0 and a.metrics.latency_ms.p90 >= a.metrics.latency_ms.p50
+    assert {v.budget for v in m.verdicts} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb",
+                                               "size_mb", "max_accuracy_drop"}
+    assert m.versions["onnxruntime"] and m.config_hash and m.data_hash
+    assert "PASS" in stdout and "budgets" in stdout and "quantizing to int8" in err
+
+
+def test_default_build_meets_the_int8_acceptance(default_build):
+    """int8 top-1 drop <= 0.5 points on the example's eval split; fp32/int8 size >= 3.5x."""
+    m = read_manifest(default_build[0])
+    fp32, int8 = (m.artifact(f"model.{p}.onnx") for p in ("fp32", "int8"))
+    assert fp32.metrics.accuracy > 95
+    assert fp32.metrics.accuracy - int8.metrics.accuracy <= 0.5
+    assert fp32.size_bytes / int8.size_bytes >= 3.5
+
+
+def test_int8_artifact_is_really_int8_and_runs(default_build):
+    path = default_build[0]
+    graph = onnx.load(str(path / "model.int8.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights, "conv weights must be stored as int8"
+    from edgepack.example import eval_data
+    data = eval_data()
+    r32 = runtime.open_model(path / "model.fp32.onnx").run([data.x[:64]])[0]
+    r8 = runtime.open_model(path / "model.int8.onnx").run([data.x[:64]])[0]
+    assert (r32.argmax(1) == r8.argmax(1)).mean() > 0.95
+    assert not np.allclose(r32, r8)  # really quantized, not a copy
+
+
+def test_report_shows_figures(default_build):
+    text = (default_build[0] / "report.md").read_text()
+    for needle in ("# digits-cnn for x86: PASS", "| model.int8.onnx | onnx | int8 |", "## Budgets",
+                   "Parity with PyTorch", "MinMax calibration"):
+        assert needle in text
+
+
+def test_json_output(user_model, tmp_path):
+    code, stdout, err = run_cli("build", "--model", user_model["model"], "--weights", user_model["weights"],
+                                "--input-shape", user_model["shape"], "--calib", user_model["calib"],
+                                "--out", str(tmp_path), "--json", "-q", "--latency-runs", "5")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert Path(doc["path"]).name == "mynet-x86"
+    assert doc["manifest"]["stages"]["data"]["eval_is_calibration"] is True
+    # no labels anywhere: agreement replaces accuracy
+    int8 = [a for a in doc["manifest"]["artifacts"] if a["precision"] == "int8"][0]
+    assert int8["metrics"]["accuracy"] is None and int8["metrics"]["agreement"] > 80
+
+
+def test_python_api_matches_cli(user_model, tmp_path):
+    import edgepack
+    result = edgepack.build(model=user_model["model"], weights=user_model["weights"],
+                            calib=user_model["calib"], eval=user_model["eval"], out=str(tmp_path),
+                            target="x86", latency_runs=5)
+    assert result.passed and result.path == tmp_path / "mynet-x86"
+    acc = result.manifest.artifact("model.fp32.onnx").metrics.accuracy
+    assert acc == 100.0  # labels in val.npz are the float model's own predictions
+
+
+def test_onnx_input_skips_torch_stages(user_model, tmp_path):
+    import torch
+    from edgepack.export import to_onnx
+    onnx_path = to_onnx(user_model["module"], (torch.zeros(1, 3, 16, 16),), tmp_path / "mynet.onnx")
+    code, _, err = run_cli("build", "--model", str(onnx_path), "--calib", user_model["calib"],
+                           "--eval", user_model["eval"], "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5")
+    assert code == 0, err
+    m = read_manifest(tmp_path / "d" / "mynet-x86")
+    assert m.stages["export"] == {"skipped": "input is already ONNX"}
+    assert m.artifact("model.int8.onnx").metrics.accuracy >= 90
+
+
+def test_budget_failure_exits_1_with_report(user_model, tmp_path):
+    code, stdout, err = run_cli("build", "--model", user_model["model"], "--weights", user_model["weights"],
+                                "--calib", user_model["calib"], "--out", str(tmp_path), "--budget", "size_mb=0.001",
+                                "--latency-runs", "5")
+    assert code == 1
+    assert "budget not met: size_mb" in err
+    m = read_manifest(tmp_path / "mynet-x86")
+    assert not m.passed and [v.budget for v in m.verdicts if v.ok is False] == ["size_mb"]
+    assert "FAIL" in (tmp_path / "mynet-x86" / "report.md").read_text()
+
+
+def test_config_file_and_flag_override(user_model, tmp_path, monkeypatch):
+    cfg = tmp_path / "edgepack.toml"
+    cfg.write_text(f'''
+target = "x86"
+model = "{user_model['model']}"
+weights = "{user_model['weights']}"
+calib = "{user_model['calib']}"
+name = "fromfile"
+latency_runs = 5
+threads = 1
+[budgets]
+size_mb = 0.001
+''')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("build", "-q", "--budget", "size_mb=10")  # flag overrides the file
+    assert code == 0, err
+    m = read_manifest(tmp_path / "dist" / "fromfile-x86")
+    assert m.target["threads"] == 1 and m.target["budgets"]["size_mb"] == 10
+
+
+def test_off_target_latency_is_not_judged(user_model, tmp_path):
+    code, _, err = run_cli("build", "--target", "rpi", "--format", "onnx", "--model", user_model["model"],
+                           "--weights", user_model["weights"], "--calib", user_model["calib"],
+                           "--out", str(tmp_path), "-q", "--latency-runs", "5")
+    assert code == 0, err
+    m = read_manifest(tmp_path / "mynet-rpi")
+    lat = [v for v in m.verdicts if v.budget == "latency_p50_ms"][0]
+    assert lat.ok is None and "target is aarch64" in lat.note
+    assert m.primary == "model.int8.onnx"  # tflite not requested here
