@@ -4,7 +4,8 @@
 
 Runs with the device's own Python. It imports nothing from edgepack: only the standard
 library, numpy, the model runtime and `runtime.py`, which is deployed next to this file.
-Exit codes: 0 ok, 3 artifact/manifest integrity failure, 4 runtime missing, 5 other error; the
+Exit codes: 0 ok, 3 artifact/manifest integrity failure, 4 runtime missing, 5 other error,
+6 --timeout reached; the
 JSON object on stdout always says what happened ({"ok": false, "kind": ..., "error": ...}).
 """
 import argparse
@@ -13,10 +14,11 @@ import json
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 
-EXIT_INTEGRITY, EXIT_RUNTIME, EXIT_OTHER = 3, 4, 5
+EXIT_INTEGRITY, EXIT_RUNTIME, EXIT_OTHER, EXIT_TIMEOUT = 3, 4, 5, 6
 
 
 class AgentError(Exception):
@@ -215,7 +217,15 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="per-operator profile (ONNX Runtime only)")
+    p.add_argument("--timeout", type=float, default=0, help="give up (and say so) after this many seconds")
     args = p.parse_args(argv)
+    if args.timeout > 0 and hasattr(signal, "SIGALRM"):
+        # The host may lose its connection without the device noticing; never run on forever.
+        def on_alarm(signum, frame):
+            raise AgentError("timeout", "benchmark did not finish within %g s (%d runs requested)"
+                             % (args.timeout, args.runs), EXIT_TIMEOUT)
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, args.timeout)
     # Runtimes may print to stdout; keep the real stdout for our single JSON object.
     real_stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -226,6 +236,8 @@ def main(argv=None):
         result, code = {"ok": False, "kind": e.kind, "error": str(e)}, e.code
     except Exception as e:  # report anything else as JSON too, so the host can show it
         result, code = {"ok": False, "kind": "error", "error": "%s: %s" % (type(e).__name__, e)}, EXIT_OTHER
+    if hasattr(signal, "SIGALRM"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
     real_stdout.write(json.dumps(result) + "\n")
     real_stdout.flush()
     return code

@@ -193,3 +193,12 @@ def test_cli_devices_list_and_bench_json(tmp_path, build_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["results"][0]["device"] == "cli-dev" and out["results"][0]["ok"]
     assert main(["bench", str(build_dir), "--device", "nope", "--devices-dir", str(d)]) == 2
+
+
+def test_bench_timeout_is_reported_by_the_agent(tmp_path, build_dir):
+    dev = local_device(tmp_path / "devices")
+    t0 = __import__("time").monotonic()
+    with pytest.raises(DeviceError, match=r"device loc: the agent refused: benchmark did not finish within 1 s "
+                                          r"\(10000000 runs requested\)") as e:
+        bench(build_dir, dev, runs=10_000_000, warmup=0, timeout_s=1)
+    assert __import__("time").monotonic() - t0 < 15 and "--runs" in e.value.hint

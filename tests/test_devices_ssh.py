@@ -168,3 +168,38 @@ def test_fleet_survives_a_device_dying_mid_benchmark(build_dir, ssh_device):
     console.print(fleet_table(fleet))
     text = console.export_text()
     assert all(f"fleet-{i}" in text for i in range(3)) and "FAILED" in text
+
+
+def test_disk_full_during_upload(tmp_path, ssh_device, tiny_disk, monkeypatch):
+    """The free-space check is disabled to hit the real ENOSPC of the SFTP upload."""
+    deploy_mod = sys.modules["edgepack.devices.deploy"]  # the module, not the function of that name
+    small = make_build(tmp_path / "small")
+    dev, _ = ssh_device("fills", workdir=str(tiny_disk / "edgepack"))
+    previous = deploy(small, dev)
+    big = make_build(tmp_path / "big", channels=1200)  # a ~130 kB model: more than is left
+    (tiny_disk / "filler").write_bytes(b"x" * 120_000)
+    monkeypatch.setattr(deploy_mod, "DISK_MARGIN", -(1 << 30))
+    with pytest.raises(DeviceError, match=r"device fills: upload of .*model.fp32.onnx failed: .* \(the disk is full\); model.fp32.onnx "
+                                          r"is 0.\d+ MB and the device had 0.\d+ MB free in .*The previous "
+                                          r"deployment is unchanged"):
+        deploy(big, dev)
+    assert not list(tiny_disk.rglob("*.partial"))
+    live = Path(previous["path"]) / "model.fp32.onnx"
+    from edgepack.manifest import sha256_file
+    assert sha256_file(live) == sha256_file(small / "model.fp32.onnx")
+
+
+def test_cli_check_deploy_bench_over_ssh(tmp_path, build_dir, ssh_device, capsys):
+    from edgepack.cli import main
+    dev, server = ssh_device("cli-pi", trusted=False)
+    d = Path(dev.source).parent
+    assert main(["devices", "check", "cli-pi", "--devices-dir", str(d)]) == 2
+    assert server.fingerprint() in capsys.readouterr().err.replace("\n", "")
+    assert main(["devices", "check", "cli-pi", "--devices-dir", str(d), "--accept-new-host-key"]) == 0
+    assert "x86_64" in capsys.readouterr().out
+    assert main(["deploy", str(build_dir), "--device", "cli-pi", "--devices-dir", str(d)]) == 0
+    assert "sent 4 files" in capsys.readouterr().out
+    code = main(["bench", str(build_dir), "--devices", "cli-pi,local", "--devices-dir", str(d), "--runs", "3",
+                 "--warmup", "0", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert code == 0 and "cli-pi" in text and "local" in text and "2 ok, 0 failed" in text

@@ -16,6 +16,9 @@ from .results import record, save_result, utc_stamp
 from .transport import connect
 
 
+AGENT_GRACE_S = 20
+
+
 def resolve(device: Device | str, dirs=None) -> Device:
     return device if isinstance(device, Device) else get_device(device, dirs)
 
@@ -56,8 +59,11 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
         argv = t.python(f"{dep['path']}/agent.py", "--manifest", f"{dep['path']}/manifest.json",
                         "--artifact", artifact, "--threads", str(threads), "--runs", str(runs),
                         "--warmup", str(warmup)) + (["--profile"] if profile else [])
+        if timeout_s:
+            argv += ["--timeout", str(timeout_s)]
         t0 = time.monotonic()
-        r = t.run(argv, timeout=timeout_s)
+        # The agent stops itself at timeout_s and reports; the grace covers a device too stuck to.
+        r = t.run(argv, timeout=timeout_s + AGENT_GRACE_S if timeout_s else None)
         wall = time.monotonic() - t0
     out = _parse_agent(device, r)
     result = {
@@ -87,7 +93,8 @@ def _parse_agent(device: Device, r) -> dict:
     if not out.get("ok"):
         hints = {"integrity": "a deployed file no longer matches the build: deploy again "
                               "(`edgepack deploy BUILD --device NAME`) and check the device's storage",
-                 "runtime": f"install the runtime for {device.python_cmd} on the device"}
+                 "runtime": f"install the runtime for {device.python_cmd} on the device",
+                 "timeout": "use fewer --runs or a larger --timeout"}
         raise DeviceError(f"device {device.name}: the agent refused: {out.get('error')}",
                           hints.get(out.get("kind"), "see the message above"))
     return out

@@ -15,8 +15,8 @@ from typing import Callable
 
 from ..manifest import MANIFEST, Manifest, read_manifest, sha256_file
 from . import device_ops
-from .errors import DeviceError
-from .inventory import Device
+from .errors import DeviceError, DeviceUnreachable
+from .inventory import Device, get_device
 from .transport import Transport, connect
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -163,8 +163,18 @@ def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Pro
     for i, rel in enumerate(to_send, 1):
         f = files[rel]
         say(f"{device.name}: uploading {rel} ({f['size'] / 1e6:.2f} MB) [{i}/{len(to_send)}]")
-        remote = f"{staging}/{rel}"
-        t.put(f["source"], remote)
+        try:
+            t.put(f["source"], f"{staging}/{rel}")
+        except DeviceUnreachable:
+            raise  # nothing more can be done over a dead connection; the next deploy cleans up
+        except DeviceError as e:
+            # Typically a full disk (SFTP only says "Failure"): free the partial upload, keep the
+            # previous deployment, and say how much space there was.
+            device_op(t, "abort", {"staging": staging})
+            likely = " (the disk is full)" if sent_bytes + f["size"] > info["free_bytes"] else ""
+            raise DeviceError(f"{e.message}{likely}; {rel} is {f['size'] / 1e6:.2f} MB and the device had "
+                              f"{info['free_bytes'] / 1e6:.2f} MB free in {root} before the upload. "
+                              "The previous deployment is unchanged", e.hint) from e
         sent_bytes += f["size"]
     say(f"{device.name}: verifying {len(files)} files on the device")
     done = device_op(t, "commit", {"root": root, "name": name, "staging": staging, "files": spec})
@@ -196,19 +206,22 @@ def _disk_full(device: Device, root: str, need: int, free: int):
                       f"free space on the device or point workdir in {device.source} at a larger disk")
 
 
-def deploy(build_dir: Path | str, device: Device, accept_new_host_key: bool = False,
-           progress: Progress | None = None) -> dict:
-    """Deploy `build_dir` to `device`. Returns {device, path, sent, reused, bytes_sent, ...}.
+def deploy(build_dir: Path | str, device: Device | str, accept_new_host_key: bool = False,
+           progress: Progress | None = None, dirs=None) -> dict:
+    """Deploy `build_dir` to `device` (a Device or an inventory name). Returns {device, where,
+    path, workdir, sent, reused, bytes_sent, bytes_total, seconds, machine, python, runtimes}.
     Raises DeviceError (DeviceUnreachable for connection problems) with the device's name."""
+    device = device if isinstance(device, Device) else get_device(device, dirs)
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     with connect(device, accept_new_host_key) as t:
         return deploy_with(t, build_dir, manifest, progress)
 
 
-def check_device(device: Device, accept_new_host_key: bool = False) -> dict:
+def check_device(device: Device | str, accept_new_host_key: bool = False, dirs=None) -> dict:
     """Connect and probe: arch, python, runtimes, free disk. Raises DeviceUnreachable /
     DeviceError when the device cannot be reached; other findings are in `problems`."""
+    device = device if isinstance(device, Device) else get_device(device, dirs)
     started = time.monotonic()
     with connect(device, accept_new_host_key) as t:
         info = probe(t)

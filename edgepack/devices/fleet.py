@@ -26,6 +26,8 @@ def select_devices(devices: str | list[str | Device], dirs=None) -> list[Device]
         else:
             raise EdgepackError(f"unknown device {d!r}; known devices: {', '.join(sorted(inv)) or '(none)'}",
                                 "add it under ~/.config/edgepack/devices or pass --devices-dir DIR")
+    # The same device twice would race on its own deployment directory.
+    out = list({d.name: d for d in out}.values())
     if not out:
         raise EdgepackError("no devices selected", "pass --devices all or --devices a,b")
     return out

@@ -80,7 +80,13 @@ class LocalTransport(Transport):
         return CommandResult(p.returncode, p.stdout, p.stderr)
 
     def put(self, source, remote, progress=None):
-        remote = Path(remote)
+        try:
+            self._put(source, Path(remote), progress)
+        except OSError as e:
+            raise DeviceError(f"device {self.device.name}: writing {remote} failed: {e.strerror or e}",
+                              "check free disk space and permissions of the workdir on the device") from e
+
+    def _put(self, source, remote: Path, progress):
         if isinstance(source, bytes):
             remote.write_bytes(source)
             if progress:
