@@ -21,6 +21,7 @@ from ..errors import EdgepackError
 from .config import PruneConfig
 from .measure import attention_heads, count_macs_params, layer_widths
 from .record import LayerChange, PruneRecord
+from .verify import GroupVerifier
 
 # A group with a width below this after pruning is a design smell (and breaks round_to).
 MIN_CHANNELS = 1
@@ -153,6 +154,12 @@ class _Pruner(tp.pruner.BasePruner):
         # upstream computes ceil(ratio * current); the margin keeps exact quotients from rounding up
         return max(0.0, remove / current - 1e-6)
 
+    def _round_to(self, n_pruned, current_channels, round_to):
+        """Keep the nearest multiple of round_to (upstream floors it: with round_to 16, a
+        32-channel layer at ratio 0.3 would keep 16 channels instead of 22)."""
+        kept = max(round_to, round((current_channels - n_pruned) / round_to) * round_to)
+        return max(0, current_channels - min(kept, current_channels))
+
 
 class ChannelPruner:
     """One model's pruning session: builds the dependency graph once and prunes in
@@ -179,6 +186,7 @@ class ChannelPruner:
         self.output_shapes = [list(t.shape) for t in _flat_outputs(self._forward())]
         self.ignored = [model.get_submodule(n) for n in self.ignored_names]
         self.permutations = permutations
+        self.checked_groups = self.unchecked_groups = 0
         self._make_pruner()  # fails early if the graph cannot be traced
         groups = list(self.pruner.DG.get_all_groups(ignored_layers=self.pruner.ignored_layers,
                                                     root_module_types=self.pruner.root_module_types))
@@ -214,12 +222,26 @@ class ChannelPruner:
         self.model.eval()
         if self.cfg.importance == "taylor":
             self._accumulate_gradients(taylor_batches)
-        self.pruner.step()
+        names = {m: n for n, m in self.model.named_modules()}
+        verifier = GroupVerifier(self.model, self.example_inputs, self.pruner.DG)
+        for group in self.pruner.step(interactive=True):
+            problem = verifier.prune(group, names, self._sync_heads)
+            if problem:
+                root = group[0].dep.target.module
+                raise UnprunableModel(
+                    f"pruning the channel group of layer {names.get(root, type(root).__name__)!r} is not "
+                    f"exact: {problem}. The dependency graph mis-tracks channels somewhere between this "
+                    "layer and its consumers (typically a reshape/view that moves channels)",
+                    f"add {names.get(root, '?')!r} to ignore_layers, or build without pruning")
+        self.checked_groups += verifier.checked
+        self.unchecked_groups += verifier.unchecked
         self.model.zero_grad(set_to_none=True)
+        self._check_shapes()
+
+    def _sync_heads(self) -> None:
         for name in self.heads_before:  # the attention module computes head size from num_heads
             att = self.model.get_submodule(name)
             att.num_heads = self.pruner.num_heads[att.qkv]
-        self._check_shapes()
 
     def _accumulate_gradients(self, batches) -> None:
         if not batches:
@@ -250,6 +272,7 @@ class ChannelPruner:
             input_shapes=[list(t.shape) for t in self.example_inputs], output_shapes=self.output_shapes,
             ignored_layers=self.ignored_names, layers=layers,
             heads={n: [h, heads_after[n]] for n, h in self.heads_before.items()},
+            groups_checked=self.checked_groups, groups_unchecked=self.unchecked_groups,
             history=[[n, bool(out), [int(i) for i in idx]] for n, out, idx in self.pruner.pruning_history()])
 
 

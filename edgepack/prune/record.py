@@ -33,6 +33,8 @@ class PruneRecord:
     ignored_layers: list[str]
     layers: list[LayerChange] = field(default_factory=list)
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [before, after]
+    groups_checked: int = 0  # channel groups verified exact by masking (see prune/verify.py)
+    groups_unchecked: int = 0  # groups with channel-mixing layers, pruned unverified
     history: list = field(default_factory=list)  # torch-pruning history, replayed by load_pruned
     finetune: list[dict] = field(default_factory=list)  # one summary per fine-tuning run
     latency_search: list[dict] = field(default_factory=list)  # [{"ratio", "p50_ms"}] measured candidates
@@ -66,7 +68,9 @@ class PruneRecord:
         ]
         changed = [c for c in self.layers if (c.in_before, c.out_before) != (c.in_after, c.out_after)]
         lines += [f"{len(changed)} of {len(self.layers)} conv/linear layers changed width "
-                  f"(ignored: {', '.join(f'`{n}`' for n in self.ignored_layers) or 'none'}).", ""]
+                  f"(ignored: {', '.join(f'`{n}`' for n in self.ignored_layers) or 'none'}); "
+                  f"{self.groups_checked} channel group(s) verified exact by masking"
+                  + (f", {self.groups_unchecked} unverifiable" if self.groups_unchecked else "") + ".", ""]
         if changed:
             lines += ["| layer | type | in channels | out channels |", "|---|---|---:|---:|"]
             for c in changed[:MAX_TABLE_ROWS]:
