@@ -75,8 +75,11 @@ def test_local_deploy_and_bench_end_to_end(tmp_path, build_dir):
     report = (build_dir / "report.md").read_text()
     assert report.startswith("# edgepack report: tiny\n\nbuild section") and "## On-device benchmark: loc" in report
     # A second bench adds a new result file and a second manifest entry; nothing is overwritten.
-    r2 = bench(build_dir, dev, threads=1, runs=5, warmup=0)
+    r2 = bench(build_dir, dev, threads=1, runs=5, warmup=0, profile=True)
     assert r2["result_file"] != r["result_file"] and (build_dir / r["result_file"]).exists()
+    ops = {o["op"]: o for o in r2["op_profile"]}
+    assert {"Conv", "Gemm"} <= set(ops) and ops["Conv"]["calls"] >= 5
+    assert "operators (ONNX Runtime profile" in (build_dir / "report.md").read_text()
     assert len(read_manifest(build_dir).bench) == 2 and report in (build_dir / "report.md").read_text()
     assert r2["deploy"]["sent"] == ["manifest.json"]  # only the manifest changed (its bench list)
 

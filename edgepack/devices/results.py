@@ -95,6 +95,9 @@ def report_section(result: dict) -> str:
             verdict = "pass" if v["ok"] else "not judged" if v["ok"] is None else "**FAIL**"
             lines.append(f"| {v['budget']} | {v['limit']} | {v['value']} | {verdict} | {v['note'] or ''} |")
         lines.append("")
+    if result.get("op_profile"):
+        top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in result["op_profile"][:8])
+        lines += [f"- operators (ONNX Runtime profile; timings above include the profiler): {top}", ""]
     lines.append(f"Full result: `{result['result_file']}`\n")
     return "\n".join(lines)
 
