@@ -98,17 +98,21 @@ def environment(threads):
 
 
 def make_inputs(np, specs, runner):
-    """Random inputs from the manifest's input specs; symbolic dims take the model's own size or 1."""
+    """Random inputs, one per model input. The model's own static dims win (a TFLite model is
+    NHWC even when the manifest's inputs are NCHW); symbolic dims come from the manifest's spec
+    (shape/dtype), else 1."""
     rng = np.random.default_rng(0)
     inputs = []
-    for i, spec in enumerate(specs):
-        model_shape = runner.input_shapes[i] if i < len(runner.input_shapes) else []
+    for i, model_shape in enumerate(runner.input_shapes):
+        spec = specs[i] if i < len(specs) else {"shape": [], "dtype": "float32"}
+        spec_shape = spec.get("shape") or []
         shape = []
-        for j, d in enumerate(spec["shape"]):
+        for j, d in enumerate(model_shape):
+            s = spec_shape[j] if j < len(spec_shape) and len(spec_shape) == len(model_shape) else None
             if isinstance(d, int) and d > 0:
                 shape.append(d)
-            elif j < len(model_shape) and isinstance(model_shape[j], int) and model_shape[j] > 0:
-                shape.append(model_shape[j])
+            elif isinstance(s, int) and s > 0:
+                shape.append(s)
             else:
                 shape.append(1)
         dtype = np.dtype(runner.input_dtypes[i] if i < len(runner.input_dtypes) else spec.get("dtype", "float32"))
