@@ -205,3 +205,12 @@ def test_bench_timeout_is_reported_by_the_agent(tmp_path, build_dir):
                                           r"\(10000000 runs requested\)") as e:
         bench(build_dir, dev, runs=10_000_000, warmup=0, timeout_s=1)
     assert __import__("time").monotonic() - t0 < 15 and "--runs" in e.value.hint
+
+
+def test_latency_measured_off_target_is_not_judged(tmp_path):
+    """A build for the Pi benchmarked on this x86 machine: latency says nothing about the Pi."""
+    b = make_build(tmp_path / "build", target="rpi", budgets={"latency_p50_ms": 1e-6, "peak_memory_mb": 4096})
+    r = bench(b, local_device(tmp_path / "d"), runs=3, warmup=0)
+    p50 = next(v for v in r["verdicts"] if v["budget"] == "latency_p50_ms")
+    assert p50["ok"] is None and "measured on x86_64, the build targets aarch64" in p50["note"]
+    assert r["passed"] and next(v for v in r["verdicts"] if v["budget"] == "peak_memory_mb")["ok"]

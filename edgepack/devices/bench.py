@@ -72,7 +72,8 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
         "timestamp_stamp": utc_stamp(started), **out, "agent_wall_s": round(wall, 3), "deploy": dep,
     }
     budgets, source = budgets_for(manifest.target, profile_obj)
-    verdicts = judge(out, budgets, device.name, device.emulated)
+    target_arch = manifest.target.get("arch") if isinstance(manifest.target, dict) else None
+    verdicts = judge(out, budgets, device.name, device.emulated, target_arch)
     result["budgets_from"] = source
     result["verdicts"] = [v.model_dump() for v in verdicts]
     result["passed"] = all(v.ok is not False for v in verdicts)

@@ -18,9 +18,14 @@ def budgets_for(manifest_target: dict[str, Any], device_profile) -> tuple[dict[s
     return device_profile.budgets.model_dump(), f"target {device_profile.name!r} of the device"
 
 
-def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: bool) -> list[Verdict]:
+def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: bool,
+          target_arch: str | None = None) -> list[Verdict]:
+    """Verdicts for latency p50/p90 and peak memory. Latency is not judged on an emulated device,
+    nor when the device's arch differs from the build target's (`target_arch`)."""
     lat = result["latency_ms"]
     where = f"on {device_name}"
+    machine = result.get("env", {}).get("machine")
+    off_target = bool(target_arch and machine and machine != target_arch)
     checks = [
         ("latency_p50_ms", lat["p50"], True),
         ("latency_p90_ms", lat["p90"], True),
@@ -34,6 +39,8 @@ def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: boo
         value = None if value is None else round(float(value), 3)
         if is_latency and emulated:
             ok, note = None, f"{where} (emulated): latency measured, not judged"
+        elif is_latency and off_target:
+            ok, note = None, f"{where}: measured on {machine}, the build targets {target_arch}; not judged"
         elif value is None:
             ok, note = None, f"{where}: not measurable on this device"
         else:
