@@ -59,6 +59,13 @@ def make_build(dirpath: Path, name: str = "tiny", target: str = "x86", budgets: 
     return dirpath
 
 
+@pytest.fixture(autouse=True)
+def isolated_inventory(tmp_path, monkeypatch):
+    """Only the built-in devices and the test's own: never the user's ~/.config inventory."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.delenv("EDGEPACK_DEVICES_DIR", raising=False)
+
+
 @pytest.fixture
 def build_dir(tmp_path):
     return make_build(tmp_path / "build")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # sshd.py / conftest_devices.py live next to us
-from conftest_devices import VENV_PYTHON, build_dir, local_device, make_build, write_device  # noqa: E402,F401
+from conftest_devices import VENV_PYTHON, build_dir, isolated_inventory, local_device, make_build, write_device  # noqa: E402,F401
 
 from edgepack.devices import DeviceError, bench, deploy, get_device, load_inventory, raise_if_failed  # noqa: E402
 from edgepack.devices.inventory import load_device_file  # noqa: E402
