@@ -18,7 +18,8 @@ from torch import nn
 from ..data import Dataset
 from ..errors import EdgepackError, MissingExtra
 from ..manifest import sha256_file
-from ._isolate import run_isolated
+from ._isolate import publish, run_in_child, tmp_path_for
+from ._worker import convert_program
 from .inspect import inspect_tflite
 
 INSTALL_HINT = "pip install 'edgepack[tflite]'"
@@ -53,19 +54,10 @@ def require_torch_model(model, source: str = "the model") -> nn.Module:
 def convert_fp32(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], out: Path,
                  layout: str = "NCHW", timeout_s: float | None = None,
                  isolate: bool = True) -> dict:
-    """Convert to a float32 `.tflite` at `out`. Returns the record described in `_record`."""
+    """Convert to a float32 `.tflite` at `out`. Returns the record built by `_record`."""
     lt = require_litert_torch()
     model, example_inputs = _wrap_layout(require_torch_model(model), example_inputs, layout, lt)
-
-    def work(tmp: Path) -> dict:
-        t0 = time.perf_counter()
-        edge = _convert(lt, model, example_inputs)
-        edge.export(str(tmp))
-        return {"convert_seconds": time.perf_counter() - t0}
-
-    t0 = time.perf_counter()
-    child = run_isolated(work, Path(out), "TFLite fp32 conversion", timeout_s, isolate)
-    return _record(Path(out), "fp32", layout, time.perf_counter() - t0, child, lt)
+    return _convert("fp32", model, example_inputs, None, Path(out), layout, timeout_s, isolate, lt)
 
 
 def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], calib: Dataset,
@@ -80,37 +72,13 @@ def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], cal
     if len(example_inputs) != 1:
         raise EdgepackError(f"int8 calibration supports single-input models; this one takes "
                             f"{len(example_inputs)} inputs", "use fp32 TFLite for this model")
-    samples = _calibration_batches(calib, num_calib, example_inputs[0])
+    samples = _calibration_samples(calib, num_calib, example_inputs[0])
     if layout == "NHWC":
-        samples = [s.permute(0, 2, 3, 1).contiguous() for s in samples]
+        samples = np.ascontiguousarray(samples.transpose(0, 2, 3, 1))
     model, example_inputs = _wrap_layout(model, example_inputs, layout, lt)
-
-    def work(tmp: Path) -> dict:
-        from litert_torch.quantize import pt2e_quantizer as pq
-        from litert_torch.quantize.quant_config import QuantConfig
-        quantize_pt2e = _quantize_pt2e_module()
-        quantizer = pq.PT2EQuantizer().set_global(
-            pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-        t0 = time.perf_counter()
-        try:
-            graph = torch.export.export(model, example_inputs).module()
-        except Exception as e:
-            raise _explain(e, model, example_inputs) from e
-        prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
-        with torch.no_grad():
-            for x in samples:
-                prepared(x)
-        quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        t1 = time.perf_counter()
-        edge = _convert(lt, quantized, example_inputs,
-                        quant_config=QuantConfig(pt2e_quantizer=quantizer), explain_with=model)
-        edge.export(str(tmp))
-        return {"calibration_seconds": t1 - t0, "convert_seconds": time.perf_counter() - t1}
-
-    t0 = time.perf_counter()
-    child = run_isolated(work, Path(out), "TFLite int8 conversion", timeout_s, isolate)
-    rec = _record(Path(out), "int8", layout, time.perf_counter() - t0, child, lt)
-    rec["calibration_samples"] = sum(len(s) for s in samples)
+    rec = _convert("int8", model, example_inputs, samples, Path(out), layout, timeout_s,
+                   isolate, lt)
+    rec["calibration_samples"] = int(len(samples))
     rec["scheme"] = INT8_SCHEME
     if rec["float_ops"]:
         rec["notes"].append(
@@ -118,6 +86,53 @@ def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], cal
             f"({', '.join(f'{k} x{v}' for k, v in rec['float_op_counts'].items())}): each "
             "costs a dequantize/quantize round trip on the device")
     return rec
+
+
+def _convert(precision, model, example_inputs, samples, out: Path, layout, timeout_s, isolate,
+             lt) -> dict:
+    """Export here (errors name the module), convert in a child (or here), publish atomically."""
+    what = f"TFLite {precision} conversion"
+    t0 = time.perf_counter()
+    try:
+        program = torch.export.export(model, example_inputs)
+    except Exception as e:
+        raise _explain(type(e).__name__, str(e), None) from e
+    batch = int(example_inputs[0].shape[0]) if example_inputs[0].ndim else 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(out)
+    try:
+        if isolate:
+            result = run_in_child({"precision": precision, "batch": batch}, program,
+                                  example_inputs, samples, tmp, what, timeout_s)
+        else:
+            result = _in_process(precision, program, example_inputs, samples, batch, tmp)
+        if result["status"] != "ok":
+            if result["type"] == "MemoryError":
+                raise EdgepackError(f"{what} ran out of memory",
+                                    "free memory or use a machine with more RAM")
+            err = _explain(result["type"], result["message"], program)
+            err.detail = result.get("traceback")  # the child's traceback, for --debug
+            raise err
+        publish(tmp, out, what)
+    finally:
+        tmp.unlink(missing_ok=True)
+    child = dict(result["record"])
+    if "child_seconds" in result:
+        # What isolation costs: the child's interpreter start and imports (about 6-10 s).
+        child["process_overhead_seconds"] = max(0.0, result["child_seconds"] - sum(child.values()))
+    return _record(out, precision, layout, time.perf_counter() - t0, child, lt)
+
+
+def _in_process(precision, program, example_inputs, samples, batch, tmp) -> dict:
+    try:
+        return {"status": "ok", "record": convert_program(precision, program, example_inputs,
+                                                          samples, batch, tmp)}
+    except MemoryError:
+        return {"status": "error", "type": "MemoryError", "message": "", "traceback": ""}
+    except Exception as e:
+        import traceback
+        return {"status": "error", "type": type(e).__name__, "message": str(e),
+                "traceback": traceback.format_exc()}
 
 
 def _record(out: Path, precision: str, layout: str, seconds: float, child: dict, lt) -> dict:
@@ -156,8 +171,8 @@ def _wrap_layout(model: nn.Module, example_inputs, layout: str, lt):
     return wrapped, nhwc
 
 
-def _calibration_batches(calib: Dataset, n: int, example: torch.Tensor) -> list[torch.Tensor]:
-    """Calibration samples in batches of the example's batch size (the export's fixed shape)."""
+def _calibration_samples(calib: Dataset, n: int, example: torch.Tensor) -> np.ndarray:
+    """`n` samples, trimmed to a multiple of the export's fixed batch size."""
     if calib is None or len(calib) == 0:
         raise EdgepackError("int8 TFLite needs calibration data and none was given",
                             "pass --calib (a folder, .npz or file.py:function)")
@@ -167,29 +182,9 @@ def _calibration_batches(calib: Dataset, n: int, example: torch.Tensor) -> list[
                             f"input is {tuple(example.shape[1:])} (from {calib.source})",
                             "give calibration data with the model's input shape, channels first")
     bs = int(example.shape[0])
-    # The exported graph has a fixed batch; drop a ragged tail rather than pad it with copies.
-    usable = max(bs, len(x) // bs * bs)
-    x = np.resize(x, (usable, *x.shape[1:])) if len(x) < bs else x[:usable]
-    return [torch.from_numpy(np.ascontiguousarray(x[i:i + bs])) for i in range(0, usable, bs)]
-
-
-def _quantize_pt2e_module():
-    # torchao carries PT2E now; torch.ao's copy is deprecated and absent from newer torch.
-    try:
-        from torchao.quantization.pt2e import quantize_pt2e
-    except ImportError:
-        from torch.ao.quantization import quantize_pt2e
-    return quantize_pt2e
-
-
-def _convert(lt, model, example_inputs, quant_config=None, explain_with=None):
-    try:
-        return lt.convert(model, example_inputs, quant_config=quant_config)
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise _explain(e, explain_with if explain_with is not None else model,
-                       example_inputs) from e
+    if len(x) < bs:  # fewer samples than one batch: repeat them to fill it
+        return np.resize(x, (bs, *x.shape[1:]))
+    return np.ascontiguousarray(x[:len(x) // bs * bs])
 
 
 # --- Turning converter exceptions into messages that name the op and the module.
@@ -199,42 +194,42 @@ _LEGALIZE = re.compile(r"failed to legalize operation '([\w.]+)'")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.+)')
 
 
-def _explain(e: Exception, model: nn.Module, example_inputs) -> EdgepackError:
-    text = str(e)
+def _explain(kind: str, text: str, program) -> EdgepackError:
+    """A converter exception (type name and text, maybe from the child) as a user message."""
     m = _LOWERING.search(text) or _LEGALIZE.search(text)
     frames = _FRAME.findall(text.split("Original traceback:", 1)[1]) if "Original traceback:" in text else []
     where = f" at {frames[-1][0]}:{frames[-1][1]} ({frames[-1][3].strip()})" if frames else ""
     if m:
         op = m.group(1)
-        module = _module_of(op, model, example_inputs)
+        module = _module_of(op, program) if program is not None else None
         inside = f" in module `{module[0]}` ({module[1]})" if module else ""
         return EdgepackError(
             f"litert-torch cannot convert the op {op}{inside}{where} to TFLite",
             "replace that layer with supported ops (or move it out of the exported forward), "
             "or drop tflite from the target's formats and deploy the ONNX artifact")
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return EdgepackError(f"the model could not be converted to TFLite: {type(e).__name__}: "
-                         f"{first}{where}",
+    first = text.strip().splitlines()[0] if text.strip() else kind
+    return EdgepackError(f"the model could not be converted to TFLite: {kind}: {first}{where}",
                          "the model must be traceable by torch.export (no data-dependent "
                          "Python control flow); or drop tflite from the target's formats")
 
 
-def _module_of(op: str, model: nn.Module, example_inputs) -> tuple[str, str] | None:
-    """Find the submodule that emitted `op` from torch.export's nn_module_stack metadata."""
+def _module_of(op: str, program) -> tuple[str, str] | None:
+    """The submodule that emitted `op`, from torch.export's nn_module_stack metadata."""
     base = op.split("aten.")[-1].split(".")[0].lstrip("_")
-    try:
-        ep = torch.export.export(model, tuple(example_inputs))
-        graphs = [ep.graph, ep.run_decompositions().graph]
+    graphs = [program.graph]
+    try:  # the converter sees decomposed ops, which may be named differently
+        graphs.append(program.run_decompositions().graph)
     except Exception:
-        return None
+        pass
     for graph in graphs:
         for node in graph.nodes:
+            if node.op != "call_function" or not node.meta.get("nn_module_stack"):
+                continue
             name = getattr(node.target, "__name__", str(node.target)).split(".")[0].lstrip("_")
-            stack = node.meta.get("nn_module_stack")
-            if node.op == "call_function" and name == base and stack:
-                path, cls = list(stack.values())[-1]
+            if name == base:
+                path, cls = list(node.meta["nn_module_stack"].values())[-1]
                 cls_name = cls if isinstance(cls, str) else cls.__name__
-                # Wrappers (NHWC, export) add a prefix; keep the user's own module path.
-                path = re.sub(r"^(wrapped\.)", "", str(path).replace("L['self'].", ""))
+                # The NHWC wrapper adds a `wrapped.` prefix; report the user's own module path.
+                path = re.sub(r"^wrapped\.", "", str(path).replace("L['self'].", ""))
                 return path or "(top level)", cls_name.rsplit(".", 1)[-1]
     return None
