@@ -51,13 +51,18 @@ def make_build(build: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--runs", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--runs", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="pin this process and the agent (inherits it) to one core; default: the last core")
     ap.add_argument("--threads", type=int, default=1, help="1: least sensitive to other load on a shared box")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "agent_overhead.json"))
     args = ap.parse_args()
 
+    # Same core for both: the machine is shared, so whatever load there is hits both alike.
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
     with tempfile.TemporaryDirectory(prefix="edgepack-overhead-") as tmp:
         build = make_build(Path(tmp) / "build")
         device = Device(name="local", target="x86", transport="local", workdir=str(Path(tmp) / "device"),
@@ -88,19 +93,26 @@ def main() -> None:
             print(f"round {i + 1}: agent p50 {r['latency_ms']['p50']:.2f} ms, bare p50 {bare:.2f} ms", flush=True)
     agent = statistics.median(r["agent_p50_ms"] for r in rounds)
     bare = statistics.median(r["bare_p50_ms"] for r in rounds)
+    agent_min = min(r["agent_p50_ms"] for r in rounds)
+    bare_min = min(r["bare_p50_ms"] for r in rounds)
     per_round = [r["agent_p50_ms"] / r["bare_p50_ms"] for r in rounds]
     result = {
         "model": "ResNet-18 fp32 ONNX, 1x3x224x224", "device": "local", "threads": args.threads,
-        "runs": args.runs, "warmup": args.warmup, "rounds": rounds,
+        "pinned_cpu": cpu, "runs": args.runs, "warmup": args.warmup, "rounds": rounds,
         "agent_p50_ms_median": agent, "bare_p50_ms_median": bare, "ratio": agent / bare,
-        "overhead_pct": (agent / bare - 1) * 100, "per_round_ratio": per_round,
-        "acceptance": "agent adds < 3% at p50", "passed": agent / bare < 1.03,
+        "overhead_pct": (agent / bare - 1) * 100,
+        # Other processes only ever add time, so the best round is the least disturbed estimate.
+        "agent_p50_ms_min": agent_min, "bare_p50_ms_min": bare_min, "ratio_min": agent_min / bare_min,
+        "overhead_pct_min": (agent_min / bare_min - 1) * 100,
+        "per_round_ratio": per_round, "per_round_ratio_median": statistics.median(per_round),
+        "acceptance": "agent adds < 3% at p50 (median over interleaved rounds)", "passed": agent / bare < 1.03,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"agent p50 {agent:.2f} ms vs bare {bare:.2f} ms: ratio {agent / bare:.4f} "
-          f"({(agent / bare - 1) * 100:+.2f}%), {'PASS' if result['passed'] else 'FAIL'} -> {args.out}")
+    print(f"median p50: agent {agent:.2f} ms vs bare {bare:.2f} ms: ratio {agent / bare:.4f} "
+          f"({(agent / bare - 1) * 100:+.2f}%), {'PASS' if result['passed'] else 'FAIL'}; best round: agent "
+          f"{agent_min:.2f} vs bare {bare_min:.2f} ms ({(agent_min / bare_min - 1) * 100:+.2f}%) -> {args.out}")
 
 
 if __name__ == "__main__":
