@@ -214,3 +214,57 @@ def test_latency_measured_off_target_is_not_judged(tmp_path):
     p50 = next(v for v in r["verdicts"] if v["budget"] == "latency_p50_ms")
     assert p50["ok"] is None and "measured on x86_64, the build targets aarch64" in p50["note"]
     assert r["passed"] and next(v for v in r["verdicts"] if v["budget"] == "peak_memory_mb")["ok"]
+
+
+def _replace_model_with_big_matmul(build: Path, n: int) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.manifest import TensorSpec, write_json_atomic
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    model = build / "model.fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    m = read_manifest(build)
+    spec = TensorSpec(name="x", shape=[1, n])
+    m.inputs = m.artifacts[0].inputs = [spec]
+    m.artifacts[0].sha256, m.artifacts[0].size_bytes = sha256_file(model), model.stat().st_size
+    write_json_atomic(build / "manifest.json", m)
+
+
+@pytest.fixture
+def memory_cgroup(tmp_path):
+    """A cgroup-v1 memory cgroup of 48 MB (root only), removed afterwards."""
+    base = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (base / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup v1 memory controller")
+    cg = base / f"edgepack-test-{os.getpid()}-{tmp_path.name}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(48 << 20))
+        yield cg
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:  # still has a dying process in it
+                __import__("time").sleep(0.1)
+
+
+def test_agent_killed_out_of_memory_is_explained(tmp_path, build_dir, memory_cgroup):
+    # A device with little memory: the agent (not the deploy checks) runs inside a 48 MB cgroup,
+    # and the kernel kills it while it loads numpy, onnxruntime and the model.
+    wrapper = tmp_path / "small-board-python"
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in */agent.py) echo $$ > {memory_cgroup}/cgroup.procs;; esac\n'
+                       f'exec "{VENV_PYTHON}" "$@"\n')
+    wrapper.chmod(0o755)
+    _replace_model_with_big_matmul(build_dir, n=3072)  # 36 MB of weights: more than the board has
+    dev = local_device(tmp_path / "d", name="tiny-board", python=str(wrapper))
+    with pytest.raises(DeviceError, match=r"device tiny-board: the agent was killed \(SIGKILL\) before it could "
+                                          r"report, most likely out of memory") as e:
+        bench(build_dir, dev, runs=3, warmup=0)
+    assert "dmesg" in e.value.hint

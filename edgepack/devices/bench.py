@@ -88,6 +88,10 @@ def _parse_agent(device: Device, r) -> dict:
     try:
         out = json.loads(lines[-1])
     except (IndexError, ValueError):
+        if r.rc in (137, -9):  # SIGKILL: on a small board almost always the kernel's OOM killer
+            raise DeviceError(f"device {device.name}: the agent was killed (SIGKILL) before it could report, "
+                              "most likely out of memory", "check `dmesg` on the device; try the int8 "
+                              "artifact (--artifact) or a smaller model") from None
         raise DeviceError(f"device {device.name}: the agent crashed (exit {r.rc}) without a result: "
                           f"{(r.stderr or r.stdout).strip()[-800:]}",
                           "run `edgepack devices check` for the device; the output above is the agent's") from None
