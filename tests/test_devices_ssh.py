@@ -203,3 +203,32 @@ def test_cli_check_deploy_bench_over_ssh(tmp_path, build_dir, ssh_device, capsys
                  "--warmup", "0", "--threads", "1"])
     text = capsys.readouterr().out
     assert code == 0 and "cli-pi" in text and "local" in text and "2 ok, 0 failed" in text
+
+
+def test_device_that_hangs_silently_times_out(build_dir, ssh_device, monkeypatch):
+    """Power loss leaves TCP half-open: no FIN, no data. SIGSTOP on the device's sshd and agent
+    is exactly that; the per-device timeout (plus grace) must end the wait."""
+    import signal
+    monkeypatch.setattr(sys.modules["edgepack.devices.bench"], "AGENT_GRACE_S", 1)
+    dev, server = ssh_device("frozen")
+    stopped = []
+
+    def freeze():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _agent_running(dev.workdir):
+            time.sleep(0.05)
+        for pid in [server.proc.pid, *sshd_mod.descendants(server.proc.pid)]:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    t = threading.Thread(target=freeze)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DeviceUnreachable, match=r"device frozen: command timed out after 3 s: .*agent.py"):
+            bench(build_dir, dev, runs=10_000_000, warmup=0, timeout_s=2)
+        assert time.monotonic() - t0 < 20
+    finally:
+        t.join()
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)

@@ -109,9 +109,9 @@ def fingerprint(key) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def _short(argv: list[str], limit: int = 160) -> str:
+def _short(argv: list[str], limit: int = 240) -> str:
     # A `python -c SCRIPT` argument would swamp the message: name it instead of printing it.
-    text = " ".join("<script>" if "\n" in a else a if len(a) < 80 else a[:40] + "..." for a in argv)
+    text = " ".join("<script>" if "\n" in a else a if len(a) < 80 else a[:25] + "..." + a[-45:] for a in argv)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -216,7 +216,8 @@ class SshTransport(Transport):
             if timeout is not None and time.monotonic() - start > timeout:
                 chan.close()
                 raise DeviceUnreachable(f"device {name}: command timed out after {timeout:.0f} s: {_short(argv)}",
-                                        "raise the timeout (--timeout) or use fewer --runs")
+                                        "the device stopped answering, or the command needs longer: "
+                                        "check the device, raise --timeout or use fewer --runs")
         rc = chan.recv_exit_status()
         chan.close()
         return CommandResult(rc, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace"))
