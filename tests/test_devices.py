@@ -268,3 +268,21 @@ def test_agent_killed_out_of_memory_is_explained(tmp_path, build_dir, memory_cgr
                                           r"report, most likely out of memory") as e:
         bench(build_dir, dev, runs=3, warmup=0)
     assert "dmesg" in e.value.hint
+
+
+def test_shipped_ssh_example_is_a_valid_device_file(tmp_path):
+    example = Path(__file__).parent.parent / "devices" / "ssh-example.toml.example"
+    copy = tmp_path / "pi-kitchen.toml"
+    copy.write_text(example.read_text())
+    dev = load_device_file(copy)
+    assert dev.transport == "ssh" and dev.ssh.host == "192.168.1.20" and dev.target == "rpi"
+    assert "pi-kitchen" not in load_inventory()  # the .example itself is never loaded
+
+
+def test_artifact_paths_cannot_escape_the_deployment(tmp_path, build_dir):
+    m = read_manifest(build_dir)
+    m.artifacts[0].path = "../../etc/evil.onnx"
+    from edgepack.manifest import write_json_atomic
+    write_json_atomic(build_dir / "manifest.json", m)
+    with pytest.raises(DeviceError, match=r"artifact path '../../etc/evil.onnx' .* is not a plain relative path"):
+        deploy(build_dir, local_device(tmp_path / "d"))

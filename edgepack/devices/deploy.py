@@ -109,6 +109,11 @@ def local_files(build_dir: Path, manifest: Manifest) -> dict[str, dict]:
     """Everything to deploy: rel path -> {source (Path or bytes), sha256, size}."""
     files: dict[str, dict] = {}
     for a in manifest.artifacts:
+        rel = Path(a.path)
+        if rel.is_absolute() or ".." in rel.parts or a.path in (MANIFEST, *AGENT_FILES):
+            # Deploy writes these paths under the device's workdir: never outside it, never over ours.
+            raise DeviceError(f"artifact path {a.path!r} in {build_dir / MANIFEST} is not a plain relative path",
+                              "rebuild with `edgepack build`")
         src = build_dir / a.path
         if not src.is_file():
             raise DeviceError(f"artifact {a.path} listed in {build_dir / MANIFEST} is missing",
