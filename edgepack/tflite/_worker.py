@@ -5,7 +5,9 @@ JOB_DIR holds model.pt2, inputs.pt, calib.npy (int8) and job.json; it writes res
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -31,9 +33,33 @@ def convert_program(precision: str, program: torch.export.ExportedProgram, examp
     int8: PT2E static quantization (per-channel symmetric weights) calibrated with `samples`
     in batches of `batch` (the export's fixed batch size), then a STATIC QDQ conversion.
     """
-    import litert_torch
+    with _quiet_litert():
+        import litert_torch
+        return _convert(litert_torch, precision, program, example_inputs, samples, batch, out)
+
+
+@contextlib.contextmanager
+def _quiet_litert():
+    """litert-torch prints a progress tree for every stage; edgepack reports its own."""
+    old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
+
+
+def _convert(litert_torch, precision, program, example_inputs, samples, batch, out) -> dict:
     record: dict = {}
     graph = program.module()
+    # The exported graph already has eval semantics (BatchNorm folded to its statistics); the
+    # flag only silences litert-torch's "converted in training mode" warning. `.eval()` itself
+    # is refused on exported modules.
+    for m in graph.modules():
+        m.training = False
     quant_config = None
     if precision == "int8":
         from litert_torch.quantize import pt2e_quantizer as pq

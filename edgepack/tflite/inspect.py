@@ -66,12 +66,24 @@ def inspect_tflite(path: Path, layout: str | None = None) -> dict:
         if not schema.Model.ModelBufferHasIdentifier(buf, 0):
             raise ValueError("missing the TFL3 file identifier")
         model = schema.Model.GetRootAs(buf, 0)
+        _check_buffers(model, len(buf))
         return _describe(model, schema, layout, len(buf))
     except EdgepackError:
         raise
     except Exception as e:  # a flatbuffer decode error is a truncated or foreign file
         raise EdgepackError(f"{path} is not a valid TFLite model ({e})",
                             "reconvert it; a partial file means an interrupted conversion") from e
+
+
+def _check_buffers(model, size: int) -> None:
+    """Touch every weight buffer: a truncated file fails here instead of in the runtime."""
+    for i in range(model.BuffersLength()):
+        b = model.Buffers(i)
+        n = b.DataLength()  # raises on a vector header past the end of the file
+        if b.Offset() > 1 and b.Offset() + b.Size() > size:  # weights stored after the table
+            raise ValueError(f"buffer {i} ends past the end of the file")
+        if n and b.DataAsNumpy()[-1:].size != 1:
+            raise ValueError(f"buffer {i} is cut short")
 
 
 def _describe(model, schema, layout, size) -> dict:
