@@ -15,7 +15,7 @@ import pytest
 
 import sshd as sshd_mod
 from edgepack.devices.inventory import load_device_file
-from edgepack.manifest import Artifact, Manifest, TensorSpec, sha256_file, write_json_atomic
+from edgepack.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, write_json_atomic
 from edgepack.targets import load_profile
 
 VENV_PYTHON = sys.executable
@@ -57,6 +57,25 @@ def make_build(dirpath: Path, name: str = "tiny", target: str = "x86", budgets: 
     write_json_atomic(dirpath / "manifest.json", manifest)
     (dirpath / "report.md").write_text(f"# edgepack report: {name}\n\nbuild section\n")
     return dirpath
+
+
+def replace_model_with_big_matmul(build: Path, n: int) -> None:
+    """Swap the build's model for one n x n MatMul (4*n*n bytes of weights), manifest updated."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    model = build / "model.fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    m = read_manifest(build)
+    spec = TensorSpec(name="x", shape=[1, n])
+    m.inputs = m.artifacts[0].inputs = [spec]
+    m.artifacts[0].sha256, m.artifacts[0].size_bytes = sha256_file(model), model.stat().st_size
+    write_json_atomic(build / "manifest.json", m)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # sshd.py / conftest_devices.py live next to us
-from conftest_devices import VENV_PYTHON, build_dir, isolated_inventory, local_device, make_build, write_device  # noqa: E402,F401
+from conftest_devices import (VENV_PYTHON, build_dir, isolated_inventory, local_device, make_build,  # noqa: E402,F401
+                              replace_model_with_big_matmul, write_device)
 
 from edgepack.devices import DeviceError, bench, deploy, get_device, load_inventory, raise_if_failed  # noqa: E402
 from edgepack.devices.inventory import load_device_file  # noqa: E402
@@ -216,25 +217,6 @@ def test_latency_measured_off_target_is_not_judged(tmp_path):
     assert r["passed"] and next(v for v in r["verdicts"] if v["budget"] == "peak_memory_mb")["ok"]
 
 
-def _replace_model_with_big_matmul(build: Path, n: int) -> None:
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edgepack.manifest import TensorSpec, write_json_atomic
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
-    model = build / "model.fp32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    m = read_manifest(build)
-    spec = TensorSpec(name="x", shape=[1, n])
-    m.inputs = m.artifacts[0].inputs = [spec]
-    m.artifacts[0].sha256, m.artifacts[0].size_bytes = sha256_file(model), model.stat().st_size
-    write_json_atomic(build / "manifest.json", m)
-
-
 @pytest.fixture
 def memory_cgroup(tmp_path):
     """A cgroup-v1 memory cgroup of 48 MB (root only), removed afterwards."""
@@ -262,7 +244,7 @@ def test_agent_killed_out_of_memory_is_explained(tmp_path, build_dir, memory_cgr
     wrapper.write_text(f'#!/bin/sh\ncase "$1" in */agent.py) echo $$ > {memory_cgroup}/cgroup.procs;; esac\n'
                        f'exec "{VENV_PYTHON}" "$@"\n')
     wrapper.chmod(0o755)
-    _replace_model_with_big_matmul(build_dir, n=3072)  # 36 MB of weights: more than the board has
+    replace_model_with_big_matmul(build_dir, n=3072)  # 36 MB of weights: more than the board has
     dev = local_device(tmp_path / "d", name="tiny-board", python=str(wrapper))
     with pytest.raises(DeviceError, match=r"device tiny-board: the agent was killed \(SIGKILL\) before it could "
                                           r"report, most likely out of memory") as e:

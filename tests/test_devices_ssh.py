@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd as sshd_mod  # noqa: E402
 from conftest_devices import (build_dir, client_key, isolated_inventory, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
-                              VENV_PYTHON)
+                              VENV_PYTHON, replace_model_with_big_matmul)
 
 from edgepack.devices import DeviceError, DeviceUnreachable, bench, bench_fleet, check_device, deploy  # noqa: E402
 from edgepack.devices.summary import fleet_table  # noqa: E402
@@ -232,3 +232,34 @@ def test_device_that_hangs_silently_times_out(build_dir, ssh_device, monkeypatch
         t.join()
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_connection_lost_mid_upload_keeps_previous_deployment(build_dir, ssh_device, client_key):
+    dev, server = ssh_device("flaky")
+    first = deploy(build_dir, dev)
+    old = (Path(first["path"]) / "model.fp32.onnx").read_bytes()
+    replace_model_with_big_matmul(build_dir, n=2048)  # 16 MB: the upload takes a moment
+    staging_root = Path(first["workdir"]) / ".releases" / "tiny"
+
+    def kill_during_upload():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            parts = list(staging_root.glob("*.partial/model.fp32.onnx"))
+            if parts and parts[0].stat().st_size > 0:
+                server.kill()
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_during_upload)
+    killer.start()
+    with pytest.raises(DeviceUnreachable, match=r"device flaky: connection lost while uploading .*model.fp32.onnx"):
+        deploy(build_dir, dev)
+    killer.join()
+    assert (Path(first["path"]) / "model.fp32.onnx").read_bytes() == old
+    # The device comes back: the leftover is cleaned and the new build goes in whole.
+    revived = sshd_mod.Sshd(server.root, Path(f"{client_key}.pub"), port=server.port).start()  # same host key
+    try:
+        done = deploy(build_dir, dev)
+        assert "model.fp32.onnx" in done["sent"] and not list(staging_root.glob("*.partial"))
+    finally:
+        revived.kill()
