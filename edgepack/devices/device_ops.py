@@ -29,7 +29,10 @@ def sha256(path):
 
 
 def probe(args):
-    workdir = os.path.abspath(os.path.expanduser(args["workdir"]))
+    workdir = os.path.expanduser(args["workdir"])
+    if not os.path.isabs(workdir):  # relative to the home directory, as over SSH
+        workdir = os.path.join(os.path.expanduser("~"), workdir)
+    workdir = os.path.abspath(workdir)
     # Free space of the filesystem the workdir is (or will be) on.
     existing = workdir
     while not os.path.exists(existing):

@@ -125,7 +125,11 @@ class SshTransport(Transport):
         self.client = paramiko.SSHClient()
         if self.known_hosts.exists():
             # "system" host keys are only read, never rewritten wholesale by paramiko.
-            self.client.load_system_host_keys(str(self.known_hosts))
+            try:
+                self.client.load_system_host_keys(str(self.known_hosts))
+            except OSError as e:
+                raise DeviceError(f"device {device.name}: cannot read known_hosts {self.known_hosts}: {e}",
+                                  f"fix its permissions or set [ssh].known_hosts in {device.source}") from e
         self.client.set_missing_host_key_policy(_HostKeyPolicy(device, self.known_hosts, accept_new_host_key))
         key_file = None
         if cfg.key_file:
