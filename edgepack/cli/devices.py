@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         else:
             fleet = bench_fleet(build_dir, devices, threads=threads, runs=runs, warmup=warmup, artifact=artifact,
                                 timeout_s=timeout, retries=retries, accept_new_host_key=accept_new_host_key,
-                                dirs=devices_dir, progress=say)
+                                dirs=devices_dir, progress=say, profile=profile)
         if as_json:
             _json(fleet)
         else:

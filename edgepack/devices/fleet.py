@@ -59,7 +59,7 @@ def _one(build_dir, device: Device, retries: int, kwargs: dict) -> dict:
 def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all", threads: int | None = None,
                 runs: int = 100, warmup: int = 10, artifact: str | None = None, timeout_s: float = 600,
                 retries: int = 1, accept_new_host_key: bool = False, dirs=None, max_workers: int | None = None,
-                progress=None) -> dict:
+                progress=None, profile: bool = False) -> dict:
     """Deploy and bench on every device at once (one thread each).
 
     Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
@@ -67,7 +67,7 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried."""
     selected = select_devices(devices, dirs)
     kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
-                  accept_new_host_key=accept_new_host_key, progress=progress)
+                  accept_new_host_key=accept_new_host_key, progress=progress, profile=profile)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max_workers or len(selected), thread_name_prefix="edgepack-dev") as pool:
         futures = [pool.submit(_one, build_dir, d, retries, kwargs) for d in selected]
