@@ -143,8 +143,10 @@ def test_inspect_counts_quantize_dequantize_and_float_ops(digits, tmp_path):
     assert info["quantize_ops"] == info["ops"]["QUANTIZE"] >= 1
     assert info["dequantize_ops"] == info["ops"]["DEQUANTIZE"] >= 1
     assert "RSQRT" in info["float_op_counts"], info["float_op_counts"]
-    assert all(f["op"] not in ("QUANTIZE", "DEQUANTIZE") for f in info["float_ops"])
-    assert all(f["op"] != "CONV_2D" for f in info["float_ops"])  # the convs did quantize
+    assert info["float_ops"].count("RSQRT") == info["float_op_counts"]["RSQRT"]
+    assert not {"QUANTIZE", "DEQUANTIZE", "CONV_2D"} & set(info["float_ops"])  # convs are int8
+    assert [d["op"] for d in info["float_op_details"]] == info["float_ops"]
+    assert all(d["output"] for d in info["float_op_details"])  # each names its output tensor
     assert rec["notes"] and "compute in float" in rec["notes"][0] and "RSQRT" in rec["notes"][0]
 
 

@@ -147,6 +147,7 @@ def _record(out: Path, precision: str, layout: str, seconds: float, child: dict,
         "quantize_ops": info["quantize_ops"], "dequantize_ops": info["dequantize_ops"],
         # In an fp32 model every op is a float op: listing them says nothing.
         "float_ops": info["float_ops"] if precision == "int8" else [],
+        "float_op_details": info["float_op_details"] if precision == "int8" else [],
         "float_op_counts": info["float_op_counts"] if precision == "int8" else {},
         "converter": f"litert-torch {getattr(lt, '__version__', 'unknown')}",
         "notes": [],

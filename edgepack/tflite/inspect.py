@@ -51,8 +51,9 @@ def inspect_tflite(path: Path, layout: str | None = None) -> dict:
     """Describe a converted model. `layout` ("NCHW"/"NHWC") labels 4-D inputs and outputs.
 
     Returns {"ops": {name: count} over all subgraphs, "num_ops", "quantize_ops",
-    "dequantize_ops", "float_ops": [{"op", "index", "output"}...] (ops computing in float
-    other than QUANTIZE/DEQUANTIZE), "float_op_counts": {name: count}, "inputs": [spec],
+    "dequantize_ops", "float_ops": [op name, one per op computing in float other than
+    QUANTIZE/DEQUANTIZE], "float_op_details": [{"op", "index", "subgraph", "output"}] (the
+    output tensor name locates the op), "float_op_counts": {name: count}, "inputs": [spec],
     "outputs": [spec], "size_bytes"}. A spec is {"name", "shape", "dtype", "layout"} plus
     "quantization": {"scale", "zero_point"} for an integer tensor.
     """
@@ -124,7 +125,8 @@ def _describe(model, schema, layout, size) -> dict:
         "num_ops": sum(hist.values()),
         "quantize_ops": hist.get("QUANTIZE", 0),
         "dequantize_ops": hist.get("DEQUANTIZE", 0),
-        "float_ops": float_ops,
+        "float_ops": [f["op"] for f in float_ops],
+        "float_op_details": float_ops,
         "float_op_counts": float_counts,
         "inputs": [_spec(sg.Tensors(int(t)), type_names, layout) for t in sg.InputsAsNumpy()],
         "outputs": [_spec(sg.Tensors(int(t)), type_names, layout) for t in sg.OutputsAsNumpy()],
