@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd as sshd_mod  # noqa: E402
 from conftest_devices import (build_dir, client_key, isolated_inventory, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
-                              VENV_PYTHON, replace_model_with_big_matmul)
+                              replace_model_with_big_matmul)
 
 from edgepack.devices import DeviceError, DeviceUnreachable, bench, bench_fleet, check_device, deploy  # noqa: E402
 from edgepack.devices.summary import fleet_table  # noqa: E402
