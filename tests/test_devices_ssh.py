@@ -265,3 +265,12 @@ def test_connection_lost_mid_upload_keeps_previous_deployment(build_dir, ssh_dev
         assert "model.fp32.onnx" in done["sent"] and not list(staging_root.glob("*.partial"))
     finally:
         revived.kill()
+
+
+def test_encrypted_key_file_is_explained(build_dir, ssh_device, tmp_path):
+    locked = tmp_path / "locked_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True)
+    dev, _ = ssh_device("enc", key_file=locked)
+    with pytest.raises(DeviceError, match=rf"device enc: key {locked} is encrypted and needs a passphrase") as e:
+        deploy(build_dir, dev)
+    assert "ssh-agent" in e.value.hint

@@ -155,23 +155,20 @@ class SshTransport(Transport):
                 "(this can be a man-in-the-middle attack, or the device was reinstalled)",
                 "if the device was reinstalled, check the new fingerprint on it and remove the old entry: "
                 f"ssh-keygen -R '{_hostkey_name(cfg.host, cfg.port)}' -f {self.known_hosts}") from e
+        except paramiko.PasswordRequiredException as e:  # before its base class below
+            self.client.close()
+            raise DeviceError(f"device {device.name}: key {key_file} is encrypted and needs a passphrase",
+                              "load it into ssh-agent and remove key_file from the device file") from e
         except paramiko.AuthenticationException as e:
             self.client.close()
             raise DeviceError(
                 f"device {device.name}: {where} refused the key {key_file or '(agent/default keys)'}: {e}",
                 f"install the public key on the device (ssh-copy-id -i {key_file or '~/.ssh/id_ed25519'}.pub "
                 f"-p {cfg.port} {cfg.user}@{cfg.host}) or fix [ssh].user/key_file in {device.source}") from e
-        except paramiko.PasswordRequiredException as e:
-            self.client.close()
-            raise DeviceError(f"device {device.name}: key {key_file} is encrypted and needs a passphrase",
-                              "load it into ssh-agent and remove key_file from the device file") from e
         except (OSError, paramiko.SSHException, EOFError) as e:
             self.client.close()
-            reason = "connection refused" if isinstance(e, (ConnectionRefusedError,
-                                                             paramiko.ssh_exception.NoValidConnectionsError)) \
-                else "timed out" if isinstance(e, (socket.timeout, TimeoutError)) else f"{type(e).__name__}: {e}"
             raise DeviceUnreachable(
-                f"device {device.name}: cannot connect to {where} ({reason})",
+                f"device {device.name}: cannot connect to {where} ({_connect_reason(e)})",
                 f"is the device on and sshd running? check [ssh].host/port in {device.source}") from e
         self.transport = self.client.get_transport()
         self.transport.set_keepalive(5)  # notice a device that vanished without closing TCP
@@ -248,6 +245,19 @@ class SshTransport(Transport):
                 self._sftp.close()
         finally:
             self.client.close()
+
+
+def _connect_reason(e: BaseException) -> str:
+    import paramiko
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) and e.errors:
+        e = next(iter(e.errors.values()))  # paramiko wraps the per-address socket errors
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def _hostkey_name(host: str, port: int) -> str:
