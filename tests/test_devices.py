@@ -268,3 +268,18 @@ def test_artifact_paths_cannot_escape_the_deployment(tmp_path, build_dir):
     write_json_atomic(build_dir / "manifest.json", m)
     with pytest.raises(DeviceError, match=r"artifact path '../../etc/evil.onnx' .* is not a plain relative path"):
         deploy(build_dir, local_device(tmp_path / "d"))
+
+
+def test_fleet_runs_devices_on_this_machine_one_at_a_time(tmp_path, build_dir):
+    from edgepack.devices import bench_fleet
+    devs = [local_device(tmp_path / "d", name=f"here-{i}") for i in range(2)]
+    broken = local_device(tmp_path / "d", name="broken", python="/usr/bin/python3")
+    fleet = bench_fleet(build_dir, [*devs, broken], threads=1, runs=3, warmup=0)
+    assert [r["device"] for r in fleet["results"]] == ["here-0", "here-1", "broken"]
+    assert fleet["ok"] == 2 and fleet["failed"] == 1 and "onnxruntime cannot be imported" in fleet["results"][2]["error"]
+    a, b = (json.loads((build_dir / r["result_file"]).read_text()) for r in fleet["results"][:2])
+    # Sequential: the second local agent started after the first had finished.
+    from datetime import datetime
+    start = [datetime.strptime(r["timestamp_stamp"], "%Y%m%dT%H%M%S.%fZ").timestamp() for r in (a, b)]
+    assert start[1] >= start[0] + a["agent_wall_s"] - 0.01
+    assert fleet["results"][2]["attempts"] == [fleet["results"][2]["error"]]  # permanent: not retried

@@ -60,7 +60,8 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
                 runs: int = 100, warmup: int = 10, artifact: str | None = None, timeout_s: float = 600,
                 retries: int = 1, accept_new_host_key: bool = False, dirs=None, max_workers: int | None = None,
                 progress=None, profile: bool = False) -> dict:
-    """Deploy and bench on every device at once (one thread each).
+    """Deploy and bench on every device at once (one thread per SSH device; devices on this
+    machine one after another).
 
     Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
     "wall_s": s}. A success is the `bench()` dict plus ok=True; a failure is {ok: False, device,
@@ -68,10 +69,21 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     selected = select_devices(devices, dirs)
     kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
                   accept_new_host_key=accept_new_host_key, progress=progress, profile=profile)
+    # Local-transport devices (this machine, emulators on it) share its CPUs: benchmarked at the
+    # same time they would slow each other down, so they take turns in one lane. Every SSH device
+    # is its own hardware and gets its own lane.
+    local = [i for i, d in enumerate(selected) if d.transport == "local"]
+    lanes = ([local] if local else []) + [[i] for i, d in enumerate(selected) if d.transport != "local"]
+    results: list[dict | None] = [None] * len(selected)
+
+    def run_lane(lane: list[int]) -> None:
+        for i in lane:
+            results[i] = _one(build_dir, selected[i], retries, kwargs)
+
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max_workers or len(selected), thread_name_prefix="edgepack-dev") as pool:
-        futures = [pool.submit(_one, build_dir, d, retries, kwargs) for d in selected]
-        results = [f.result() for f in futures]
+    with ThreadPoolExecutor(max_workers=max_workers or len(lanes), thread_name_prefix="edgepack-dev") as pool:
+        for f in [pool.submit(run_lane, lane) for lane in lanes]:
+            f.result()
     ok = sum(r["ok"] for r in results)
     return {"results": results, "ok": ok, "failed": len(results) - ok,
             "passed": ok == len(results) and all(r.get("passed", True) for r in results),
