@@ -345,6 +345,7 @@ def teardown_module(module):
     if RESULTS:
         out = Path(os.environ.get("EDGEPACK_EMULATE_RESULTS", "/tmp/edgepack-emulate-results.json"))
         try:
-            out.write_text(json.dumps(RESULTS, indent=2, default=str))
-        except OSError:
+            old = json.loads(out.read_text()) if out.exists() else {}
+            out.write_text(json.dumps(old | RESULTS, indent=2, default=str))
+        except (OSError, ValueError):
             pass
