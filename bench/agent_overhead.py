@@ -5,7 +5,7 @@ own process exactly like on a device) vs a bare timing loop over an ONNX Runtime
 the same options in this process. The two are interleaved round by round so that load from
 other processes hits both alike. Acceptance: the agent adds < 3% at p50.
 
-    .venv/bin/python bench/agent_overhead.py [--rounds 6] [--runs 40] [--threads 1]
+    .venv/bin/python bench/agent_overhead.py [--rounds 30] [--runs 10] [--threads 1]   (about 3 min)
 Writes bench/results/agent_overhead.json.
 """
 from __future__ import annotations
@@ -51,8 +51,8 @@ def make_build(build: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--runs", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cpu", type=int, default=None,
                     help="pin this process and the agent (inherits it) to one core; default: the last core")
