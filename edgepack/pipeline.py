@@ -42,10 +42,11 @@ class BuildResult:
     path: Path
     manifest: Manifest
     sections: dict[str, Any] = field(default_factory=dict)
+    device_results: list[dict] = field(default_factory=list)  # `--device`: the on-device bench
 
     @property
     def passed(self) -> bool:
-        return self.manifest.passed
+        return self.manifest.passed and all(r.get("passed", False) for r in self.device_results)
 
 
 def resolve_profile(cfg: BuildConfig) -> TargetProfile:
@@ -103,7 +104,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     say(f"wrote {final}")
     if cfg.device:
         from .deploy_step import deploy_and_bench
-        deploy_and_bench(result, cfg, say)
+        deploy_and_bench(result, cfg, data["eval"], say)
     return result
 
 
@@ -117,6 +118,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
         loaded, stages["prune"], sections["prune"] = prune(loaded, cfg, profile, data, say)
 
     fp32 = tmp / "model.fp32.onnx"
+    ref = None
     if loaded.kind == "torch":
         say("exporting to ONNX and simplifying")
         t0 = time.perf_counter()
@@ -151,7 +153,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
     if "tflite" in profile.formats:
         from .tflite_step import build_tflite
         tfl_artifacts, stages["tflite"], sections["tflite"] = build_tflite(
-            tmp, loaded, profile, calib, evals, say)
+            tmp, loaded, profile, calib, evals, ref if loaded.kind == "torch" else None, say)
         artifacts += tfl_artifacts
 
     say(f"measuring latency and memory ({profile.threads} thread(s), {cfg.latency_runs} runs)")

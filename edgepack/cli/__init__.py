@@ -16,8 +16,9 @@ from ..errors import EdgepackError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, export, quantize, validate, deploy and benchmark models for edge devices.")
-console = Console(stderr=True)
-out = Console()
+# Piped output would otherwise wrap tables at 80 columns; a terminal keeps its own width.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out = Console(width=None if sys.stdout.isatty() else 140)
 
 # Command modules; each defines register(app). Order is the order of `edgepack --help`.
 COMMAND_MODULES = ["build", "prune", "targets", "devices", "emulate"]

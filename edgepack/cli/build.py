@@ -113,7 +113,14 @@ def register(app: typer.Typer) -> None:
         elif not quiet:
             for t in summary_table(result):
                 out.print(t)
+            if result.device_results:
+                from ..devices.summary import fleet_table
+                rs = result.device_results
+                out.print(fleet_table({"results": rs, "ok": len(rs), "failed": 0,
+                                       "wall_s": sum(r.get("agent_wall_s", 0) for r in rs)}))
             out.print(f"build directory: {result.path}  (report: {result.path / 'report.md'})")
         if not result.passed:
             failed = [v.budget for v in result.manifest.verdicts if v.ok is False]
+            failed += [f"{r['device']}: {v['budget']}" for r in result.device_results
+                       for v in r.get("verdicts", []) if v["ok"] is False]
             raise BudgetNotMet(f"budget not met: {', '.join(failed)} (report written to {result.path / 'report.md'})")
