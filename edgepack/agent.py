@@ -127,8 +127,8 @@ def make_inputs(np, specs, runner):
     return inputs
 
 
-def op_profile(trace_path, runs):
-    """Aggregate an ORT profiling trace into per-operator totals (ms per timed run)."""
+def op_profile(trace_path, calls):
+    """Aggregate an ORT profiling trace into per-operator totals (ms per model call)."""
     with open(trace_path) as f:
         events = json.load(f)
     per_op = {}
@@ -143,7 +143,7 @@ def op_profile(trace_path, runs):
     rows = sorted(per_op.values(), key=lambda r: -r["total_ms"])
     for r in rows:
         r["share"] = round(r["total_ms"] / total, 4)
-        r["ms_per_run"] = round(r["total_ms"] / max(runs, 1), 4)
+        r["ms_per_run"] = round(r["total_ms"] / max(calls, 1), 4)
         r["total_ms"] = round(r["total_ms"], 3)
     return rows
 
@@ -177,14 +177,15 @@ def bench(args):
     except ImportError as e:
         raise AgentError("runtime", "cannot import %s on this device: %s" % (e.name, e), EXIT_RUNTIME)
 
-    if args.profile:
+    profile = args.profile and path.lower().endswith(".onnx")  # per-operator profiles: ORT only
+    if profile:
         # ORT writes its trace into the working directory: use a private scratch dir.
         import tempfile
         os.chdir(tempfile.mkdtemp(prefix="edgepack-profile-"))
     rss_before = proc_status_mb("VmRSS")
     t0 = time.perf_counter()
     try:
-        runner = runtime.open_model(path, args.threads, profile=args.profile)
+        runner = runtime.open_model(path, args.threads, profile=profile)
     except runtime.RuntimeMissing as e:
         raise AgentError("runtime", str(e), EXIT_RUNTIME)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -202,13 +203,16 @@ def bench(args):
         "memory_mb": {"rss_before_load": rss_before, "rss_after_load": rss_loaded, "peak_rss": peak_rss_mb()},
         "env": environment(args.threads),
     }
-    if args.profile and hasattr(runner, "end_profiling"):
+    if profile:
         trace = runner.end_profiling()
         try:
-            result["op_profile"] = op_profile(trace, args.runs)
+            # Every call was profiled: the first, the warm-up and the timed ones.
+            result["op_profile"] = op_profile(trace, 1 + args.warmup + args.runs)
         finally:
             os.remove(trace)
             os.rmdir(os.path.dirname(os.path.abspath(trace)))
+    elif args.profile:
+        result["op_profile_note"] = "per-operator profiles are only available for ONNX Runtime"
     result["agent_s"] = time.perf_counter() - t_start
     return result
 
