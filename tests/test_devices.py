@@ -283,3 +283,28 @@ def test_fleet_runs_devices_on_this_machine_one_at_a_time(tmp_path, build_dir):
     start = [datetime.strptime(r["timestamp_stamp"], "%Y%m%dT%H%M%S.%fZ").timestamp() for r in (a, b)]
     assert start[1] >= start[0] + a["agent_wall_s"] - 0.01
     assert fleet["results"][2]["attempts"] == [fleet["results"][2]["error"]]  # permanent: not retried
+
+
+@pytest.mark.tflite
+@pytest.mark.slow
+def test_tflite_nhwc_artifact_benchmarks_with_litert(tmp_path, build_dir):
+    """A TFLite artifact in NHWC next to NCHW manifest inputs: the agent feeds the model's own shape."""
+    pytest.importorskip("litert_torch")
+    import torch
+    from torch import nn
+
+    from edgepack.manifest import Artifact, write_json_atomic
+    from edgepack.tflite.convert import convert_fp32
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    out = build_dir / "model.fp32.tflite"
+    convert_fp32(model, (torch.randn(1, 3, 16, 16),), out, layout="NHWC")
+    m = read_manifest(build_dir)
+    m.artifacts.append(Artifact(path=out.name, format="tflite", precision="fp32", sha256=sha256_file(out),
+                                size_bytes=out.stat().st_size, layout="NHWC"))
+    write_json_atomic(build_dir / "manifest.json", m)
+    r = bench(build_dir, local_device(tmp_path / "d"), artifact=out.name, threads=1, runs=5, warmup=1, profile=True)
+    assert r["runtime"]["name"] in ("ai-edge-litert", "tflite-runtime") and r["format"] == "tflite"
+    assert r["inputs"] == [{"shape": [1, 16, 16, 3], "dtype": "float32"}]
+    assert "only available for ONNX Runtime" in r["op_profile_note"]
