@@ -85,13 +85,15 @@ for start in range(0, n, step):
 run_s = time.perf_counter() - t0
 for i, acc in enumerate(outs):
     np.save(os.path.join(workdir, f"output{i}.npy"), np.concatenate(acc, axis=0))
-cpu = ""
+cpu = {}
 try:
     for line in open("/proc/cpuinfo"):
-        if line.startswith(("Model", "CPU part")):
-            cpu = cpu or line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model", "CPU part"):
+            cpu.setdefault(key.strip(), value.strip())
 except OSError:
     pass
+cpu = cpu.get("Model") or cpu.get("CPU part", "")
 print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
                   "backend": runner.backend, "backend_version": runner.backend_version,
                   "runtimes": available_runtimes(), "samples": int(n), "n_outputs": len(outs),
