@@ -369,12 +369,27 @@ def prepare_emulator(kind: str = "rpi", rebuild: bool = False, progress=None, *,
             return env
     root = env_root(kind, wheels)
     root.parent.mkdir(parents=True, exist_ok=True)
+    # One preparation per environment at a time (parallel test workers, two shells): the
+    # second waits, then finds the first one's complete environment.
+    import fcntl
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not rebuild:
+            env = find_emulator(kind, wheels)
+            if env is not None:
+                env.qemu = qemu_path
+                return env
+        return _prepare_locked(k, kind, root, pins, qemu_path, progress)
+
+
+def _prepare_locked(k: Kind, kind: str, root: Path, pins: dict, qemu_path: str, progress) -> EmulatorEnv:
     for tool, hint in (("apt-get", "preparing the emulated device needs Debian's apt: run on Debian "
                                    "or Ubuntu (apt-get install apt)"),
                        ("dpkg-deb", "apt-get install dpkg")):
         if shutil.which(tool) is None:
             raise EdgepackError(f"{tool} not found", hint)
-    _clean_stale_tmp(root.parent)
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):  # interrupted earlier preparations
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     rep = _Reporter(progress)
     t0 = time.perf_counter()
@@ -441,16 +456,6 @@ def prepare_emulator(kind: str = "rpi", rebuild: bool = False, progress=None, *,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _clean_stale_tmp(base: Path) -> None:
-    """Remove temporary dirs of interrupted preparations whose process is gone (or >1 day old)."""
-    for p in base.glob(".*.tmp-*"):
-        try:
-            if time.time() - p.stat().st_mtime > 3600:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _qemu_version(qemu: str) -> str | None:
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -487,9 +492,14 @@ def remove_emulator_cache(kind: str | None = None) -> list[Path]:
         return removed
     for p in sorted(base.iterdir()):
         name = p.name.lstrip(".")
-        if kind is None or name.startswith(f"{kind}-"):
+        if kind is not None and not name.startswith(f"{kind}-"):
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+            if not name.endswith(".lock"):
+                removed.append(p)
+        else:
+            p.unlink(missing_ok=True)
     if kind is None:
         try:
             base.rmdir()
