@@ -150,16 +150,26 @@ def test_inspect_counts_quantize_dequantize_and_float_ops(digits, tmp_path):
     assert rec["notes"] and "compute in float" in rec["notes"][0] and "RSQRT" in rec["notes"][0]
 
 
-def test_nhwc_layout(digits, tmp_path):
-    rec = convert_fp32(digits[0], EXAMPLE, tmp_path / "nhwc.tflite", layout="NHWC", isolate=False)
+@pytest.mark.slow
+def test_nhwc_layout_fp32_and_int8(digits, tmp_path):
+    model, calib, evald = digits
+    rec = convert_fp32(model, EXAMPLE, tmp_path / "nhwc.tflite", layout="NHWC", isolate=False)
     assert rec["layout"] == "NHWC"
     assert rec["inputs"][0]["shape"] == [1, 8, 8, 1] and rec["inputs"][0]["layout"] == "NHWC"
     # The NHWC artifact fed channel-last data gives the PyTorch model's (NCHW) answers.
-    p = parity_vs_torch(digits[0], tmp_path / "nhwc.tflite", digits[2], layout="NHWC", n=100)
+    p = parity_vs_torch(model, tmp_path / "nhwc.tflite", evald, layout="NHWC", n=100)
     assert p["max_abs_diff"] < 1e-4 and p["cosine"] > 0.99999
     runner = open_model(tmp_path / "nhwc.tflite")
     with pytest.raises(Exception):  # and NCHW data is refused, not silently misread
-        runner.run([digits[2].x[:1]])
+        runner.run([evald.x[:1]])
+
+    # int8 takes NCHW calibration data like every other path and transposes it itself.
+    rec8 = convert_int8(model, EXAMPLE, calib, tmp_path / "nhwc8.tflite", layout="NHWC",
+                        num_calib=64, isolate=False)
+    assert rec8["inputs"][0]["shape"] == [1, 8, 8, 1] and rec8["inputs"][0]["dtype"] == "int8"
+    assert rec8["float_ops"] == []
+    r = evaluate_int8(tmp_path / "nhwc8.tflite", tmp_path / "nhwc.tflite", evald, layout="NHWC")
+    assert r["agreement"] >= 97 and r["accuracy"] > 90, r
 
 
 def test_missing_extra_names_install_command(digits, tmp_path, monkeypatch):
@@ -251,3 +261,28 @@ def test_inspect_rejects_truncated_and_foreign_files(digits, tmp_path):
     (tmp_path / "cut.tflite").write_bytes(data[: len(data) // 3])
     with pytest.raises(EdgepackError, match="not a valid TFLite model"):
         inspect_tflite(tmp_path / "cut.tflite")
+
+
+def test_residual_adds_are_quantized(tmp_path):
+    """MobileNetV2's residual ADDs (not followed by ReLU) stayed float after a non-strict
+    export; strict export gives the quantizer the metadata it matches them by."""
+    from edgepack.zoo import InvertedResidual, conv_bn
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(3, 16, 3, act=nn.ReLU6)
+            self.blocks = nn.Sequential(InvertedResidual(16, 24, 1, 6),
+                                        InvertedResidual(24, 24, 1, 6),
+                                        InvertedResidual(24, 24, 1, 6))
+            self.fc = nn.Linear(24, 10)
+
+        def forward(self, x):
+            return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+    calib = Dataset(np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    rec = convert_int8(Residual().eval(), (torch.zeros(1, 3, 16, 16),), calib,
+                       tmp_path / "res.tflite", num_calib=16, isolate=False)
+    assert rec["export_mode"] == "strict"
+    assert rec["ops"]["ADD"] == 2
+    assert rec["float_ops"] == [] and rec["quantize_ops"] == rec["dequantize_ops"] == 0
