@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +17,7 @@ from edgepack.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha
 from edgepack.targets import load_profile
 
 VENV_PYTHON = sys.executable
-_CACHE: dict = {}
+_CACHE: dict[int, bytes] = {}
 
 
 def _export_tiny(path: Path, channels: int = 8) -> None:
@@ -37,13 +35,11 @@ def make_build(dirpath: Path, name: str = "tiny", target: str = "x86", budgets: 
                channels: int = 8) -> Path:
     """A build directory with model.fp32.onnx and a valid manifest (export cached per session)."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    key = ("onnx", channels)
-    if key not in _CACHE:
-        cache = Path(os.environ.get("PYTEST_TMP_CACHE", "/tmp")) / f"edgepack-test-tiny-{channels}-{os.getpid()}.onnx"
-        _export_tiny(cache, channels)
-        _CACHE[key] = cache
     model = dirpath / "model.fp32.onnx"
-    shutil.copy(_CACHE[key], model)
+    if channels not in _CACHE:  # export once per session, keep the bytes (no files left behind)
+        _export_tiny(model, channels)
+        _CACHE[channels] = model.read_bytes()
+    model.write_bytes(_CACHE[channels])
     profile = load_profile(target).model_dump()
     if budgets is not None:
         profile["budgets"] = budgets
