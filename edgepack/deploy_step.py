@@ -11,9 +11,8 @@ from .report import table
 EMULATION_SAMPLES = 256  # emulated inference is slow; this many eval samples give a stable agreement
 
 
-def deploy_and_bench(result, cfg, evals: Dataset, say) -> None:
-    from .devices import bench, get_device
-    device = get_device(cfg.device, cfg.devices_dir or None)
+def deploy_and_bench(result, device, cfg, evals: Dataset, say) -> None:
+    from .devices import bench
     say(f"deploying to {device.name} and benchmarking there" + (" (emulated: latency not judged)" if device.emulated else ""))
     r = bench(result.path, device, accept_new_host_key=cfg.accept_new_host_key, progress=say,
               dirs=cfg.devices_dir or None, runs=100 if not device.emulated else 20)

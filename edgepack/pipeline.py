@@ -71,6 +71,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     cfg = cfg or BuildConfig()
     say = progress or (lambda msg: None)
     profile = resolve_profile(cfg)
+    device = _resolve_device(cfg, profile) if cfg.device else None  # fail before a long build
     out_root = _writable_dir(Path(cfg.out))
     is_default = cfg.model is None
     if is_default:
@@ -104,7 +105,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     say(f"wrote {final}")
     if cfg.device:
         from .deploy_step import deploy_and_bench
-        deploy_and_bench(result, cfg, data["eval"], say)
+        deploy_and_bench(result, device, cfg, data["eval"], say)
     return result
 
 
@@ -281,6 +282,17 @@ def _load_data(cfg: BuildConfig, loaded: LoadedModel, pre: Preprocess, raw_calib
     if cfg.train and cfg.prune:
         train = load_dataset(cfg.train, loaded.sample_shape, pre, "training data")
     return {"calib": calib, "eval": evals, "train": train, "eval_is_calib": not cfg.eval}
+
+
+def _resolve_device(cfg: BuildConfig, profile: TargetProfile):
+    from .devices import get_device
+    device = get_device(cfg.device, cfg.devices_dir or None)
+    arch = device.profile().arch
+    if arch != profile.arch:
+        raise EdgepackError(f"device {device.name} is {arch} (target {device.target!r}) but this build is for "
+                            f"{profile.name!r} ({profile.arch})",
+                            f"build with --target {device.target}, or pick a device of the {profile.name} kind")
+    return device
 
 
 def _writable_dir(path: Path) -> Path:
