@@ -2,7 +2,7 @@
 a summary appended to manifest.json's `bench` list and a section appended to report.md.
 
 Fleet benches finish concurrently, so manifest/report updates take a lock (a thread lock plus
-an flock on `<build>/.edgepack.lock` for other processes) and are written atomically.
+an flock on `<build>/bench/.lock` for other processes) and are written atomically.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ _LOCK = threading.Lock()
 
 @contextmanager
 def build_lock(build_dir: Path):
-    with _LOCK, open(Path(build_dir) / ".edgepack.lock", "a") as f:
+    lock_dir = Path(build_dir) / "bench"
+    lock_dir.mkdir(exist_ok=True)
+    with _LOCK, open(lock_dir / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
