@@ -113,8 +113,17 @@ def read_manifest(build_dir: Path) -> Manifest:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a unique temporary file beside `path`, then rename: readers never see half a file
+    and two writers never share a temporary name."""
+    import os
+    import tempfile
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
