@@ -53,7 +53,7 @@ def _distort(images: np.ndarray, rng: np.random.Generator, noise: float) -> np.n
     return ((x - 0.25) / 0.5).astype(np.float32)  # roughly zero-mean, unit-scale inputs
 
 
-def noisy_digits(seed: int = 0, train_copies: int = 3, noise: float = 0.5,
+def noisy_digits(seed: int = 0, train_copies: int = 2, noise: float = 0.3,
                  val_fraction: float = 0.2, test_fraction: float = 0.25) -> Task:
     """The task's splits; the same seed gives bit-identical arrays."""
     from sklearn.datasets import load_digits

@@ -50,7 +50,8 @@ def resolve_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     found = []
     for name in names:
         if name not in modules:
-            close = difflib.get_close_matches(name, [k for k in modules if k], n=5, cutoff=0.4)
+            scored = sorted((-difflib.SequenceMatcher(None, name, k).ratio(), k) for k in modules if k)
+            close = [k for score, k in scored[:5] if -score >= 0.4]  # ties in module order
             raise EdgepackError(
                 f"ignore_layers: the model has no layer named {name!r}"
                 + (f"; close matches: {', '.join(close)}" if close else ""),

@@ -93,7 +93,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if deadline is not None and time.monotonic() > deadline:
                 summary["stopped"] = "time limit"
                 break

@@ -1,0 +1,39 @@
+"""`edgepack prune` end to end on a user-style model file."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import run_cli
+from edgepack.load import import_attr
+from edgepack.prune import load_pruned
+
+
+def test_prune_cli_writes_a_loadable_pruned_model(user_model, tmp_path):
+    out, rec = tmp_path / "pruned.safetensors", tmp_path / "record.json"
+    code, stdout, err = run_cli("prune", "--model", user_model["model"], "--weights", user_model["weights"],
+                                "--input-shape", user_model["shape"], "--ratio", "0.5",
+                                "--train", user_model["calib"], "--eval", user_model["eval"], "--epochs", "1",
+                                "--out", str(out), "--record", str(rec))
+    assert code == 0, err
+    assert "## Pruning" in stdout and "fine-tune" in err
+    record = json.loads(rec.read_text())
+    assert record["macs_after"] < record["macs_before"] and record["finetune"][0]["distill"]
+    model = load_pruned(import_attr(user_model["model"])(), out)
+    assert model.body[0].out_channels == 8 and model.head.out_features == 4
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+
+
+def test_prune_cli_errors_are_clear(user_model, tmp_path):
+    base = ("prune", "--model", user_model["model"], "--input-shape", user_model["shape"],
+            "--out", str(tmp_path / "p.safetensors"))
+    code, _, err = run_cli(*base, "--ratio", "1.5")
+    assert code == 2 and "strictly between 0 and 1" in err
+    code, _, err = run_cli(*base, "--ratio", "0.5", "--ignore-layer", "body.O")
+    assert code == 2 and "no layer named 'body.O'" in err and "body.0" in err
+    code, _, err = run_cli(*base)
+    assert code == 2 and "nothing to prune towards" in err
+    code, _, err = run_cli(*base, "--to-latency")
+    assert code == 2 and "--to-latency needs --target" in err
+    assert not (tmp_path / "p.safetensors").exists()
