@@ -98,6 +98,31 @@ def test_unknown_kind_is_explained():
     assert "rpi" in e.value.hint
 
 
+@pytest.mark.emulate
+@pytest.mark.slow
+@needs_qemu
+def test_unavailable_wheel_fails_cleanly_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(EdgepackError) as e:
+        prepare_emulator("rpi", progress=False, wheels={"numpy": "1.0.0"})
+    assert "not available for aarch64" in e.value.message and "numpy" in e.value.message
+    base = tmp_path / "edgepack" / "emulate"
+    assert [p.name for p in base.iterdir() if not p.name.endswith(".lock")] == []  # no half environment
+
+
+@pytest.mark.emulate
+@pytest.mark.slow
+@needs_qemu
+def test_unreachable_debian_mirror_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("EDGEPACK_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+    monkeypatch.setenv("EDGEPACK_DEBIAN_SECURITY_MIRROR", "http://127.0.0.1:9/debian-security")
+    with pytest.raises(EdgepackError) as e:
+        prepare_emulator("rpi", progress=False, rebuild=True)
+    assert "apt-get" in e.value.message and "EDGEPACK_DEBIAN_MIRROR" in e.value.hint
+    assert find_emulator("rpi") is None
+
+
 # --- the emulated interpreter -----------------------------------------------------------------
 
 @pytest.mark.emulate
