@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import signal
 import sys
 import time
@@ -50,14 +49,6 @@ def proc_status_mb(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return None
-
-
-def peak_rss_mb():
-    hwm = proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # bytes vs KiB
 
 
 def cpu_model():
@@ -200,7 +191,7 @@ def bench(args):
         "runtime": {"name": runner.backend, "version": runner.backend_version},
         "load_ms": load_ms, "first_ms": latency.pop("first_ms"), "latency_ms": latency,
         "inputs": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in inputs],
-        "memory_mb": {"rss_before_load": rss_before, "rss_after_load": rss_loaded, "peak_rss": peak_rss_mb()},
+        "memory_mb": {"rss_before_load": rss_before, "rss_after_load": rss_loaded, "peak_rss": runtime.peak_rss_mb()},
         "env": environment(args.threads),
     }
     if profile:

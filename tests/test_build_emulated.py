@@ -20,7 +20,11 @@ def test_build_rpi_on_emulated_pi(tmp_path, monkeypatch):
     env = prepare_emulator("rpi", progress=False)
     devices = tmp_path / "devices"
     register_emulated_device("pi-emu", "rpi", emulator=env, config_dir=devices)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the device's workdir lives under ~
+    import os
+    from pathlib import Path
+    # The device's workdir lives under ~: point HOME at a temp dir, but keep the prepared cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     code, out, err = run_cli("build", "--target", "rpi", "--device", "pi-emu", "--devices-dir", str(devices),
                              "--out", str(tmp_path / "dist"), "--latency-runs", "10")
     assert code == 0, err
