@@ -302,6 +302,9 @@ def test_broken_artifact_is_explained(emu, tmp_path):
 @needs_qemu
 def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # removal also deletes the default workdir
+    workdir = tmp_path / "home" / ".local" / "share" / "edgepack" / "devices" / "pi-emu"
+    workdir.mkdir(parents=True)
     path = register_emulated_device("pi-emu", "rpi", emulator=emu)
     assert path == tmp_path / "config" / "edgepack" / "devices" / "pi-emu.toml"
     data = tomllib.loads(path.read_text())
@@ -326,6 +329,7 @@ def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, mon
         register_emulated_device("../evil", "rpi", emulator=emu)
     removed = remove_emulator("pi-emu", keep_cache=True)  # keep the shared cache for other tests
     assert removed["devices"] == [str(path)] and not path.exists() and real.exists()
+    assert removed["workdirs"] == [str(workdir)] and not workdir.exists()
     assert find_emulator("rpi") is not None
 
 
@@ -335,6 +339,7 @@ def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, mon
 def test_cli_emulate_registers_from_cache(emu, tmp_path, monkeypatch):
     from conftest import run_cli
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     code, out, err = run_cli("devices", "emulate", "rpi", "--name", "pi-test", "--json")
     assert code == 0, err
     res = json.loads(out)
