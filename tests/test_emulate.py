@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.emulate import (KINDS, WHEELS, compare_on_emulator, env_root, find_emulator,
+from edgepack.emulate import (KINDS, WHEELS, cache_base, compare_on_emulator, env_root, find_emulator,
                               prepare_emulator, register_emulated_device, remove_emulator,
                               run_emulated)
 from edgepack.errors import EdgepackError
@@ -302,6 +302,7 @@ def test_broken_artifact_is_explained(emu, tmp_path):
 @needs_qemu
 def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_base().parent.parent))  # keep the shared cache
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # removal also deletes the default workdir
     workdir = tmp_path / "home" / ".local" / "share" / "edgepack" / "devices" / "pi-emu"
     workdir.mkdir(parents=True)
@@ -339,6 +340,7 @@ def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, mon
 def test_cli_emulate_registers_from_cache(emu, tmp_path, monkeypatch):
     from conftest import run_cli
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_base().parent.parent))  # keep the shared cache
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     code, out, err = run_cli("devices", "emulate", "rpi", "--name", "pi-test", "--json")
     assert code == 0, err
