@@ -50,12 +50,17 @@ def digits():
     model = small_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-    model.train()
-    for _ in range(12):
-        for i in range(0, len(xt), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: 1 thread trained in 3 s, 2 threads on a busy box in 17 s
+    try:
+        model.train()
+        for _ in range(12):
+            for i in range(0, len(xt), 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     calib = Dataset(x[train[:128]], y[train[:128]], "digits-train")
     evald = Dataset(x[test], y[test], "digits-test")
@@ -263,6 +268,7 @@ def test_inspect_rejects_truncated_and_foreign_files(digits, tmp_path):
         inspect_tflite(tmp_path / "cut.tflite")
 
 
+@pytest.mark.slow
 def test_residual_adds_are_quantized(tmp_path):
     """MobileNetV2's residual ADDs (not followed by ReLU) stayed float after a non-strict
     export; strict export gives the quantizer the metadata it matches them by."""
