@@ -42,9 +42,10 @@ def run_emulated(args: list[str], *, kind: str = "rpi", emulator: EmulatorEnv | 
     environment raises EdgepackError with the command that prepares it. `qemu` names another
     qemu binary (also settable with $EDGEPACK_QEMU); a missing one raises EdgepackError.
     """
+    qemu_path = find_qemu(qemu)
     em = _resolve(emulator, kind, prepare)
     full_env = dict(os.environ if env is None else env)
-    full_env["EDGEPACK_QEMU"] = find_qemu(qemu)
+    full_env["EDGEPACK_QEMU"] = qemu_path
     try:
         p = subprocess.run([str(em.python), *map(str, args)], cwd=cwd, env=full_env, input=input,
                            timeout=timeout, capture_output=capture_output, text=text)
