@@ -7,7 +7,8 @@ child rather than the build, and the parent always gets to clean up.
 Why a fresh interpreter and not `fork`: a forked child deadlocked in libgomp as soon as the
 parent had run any multi-threaded torch op (GNU OpenMP is not fork-safe). The model crosses
 the process boundary as a `torch.export` program (`.pt2`), which needs no user classes to
-unpickle. Measured cost: about 6-10 s to import torch and litert-torch in the child.
+unpickle. Measured cost: the child starting and importing torch and litert-torch, 10-14 s
+per conversion on this 2-core machine, up to 24 s when it is heavily loaded.
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def _convert(precision, model, example_inputs, samples, out: Path, layout, timeo
         tmp.unlink(missing_ok=True)
     child = dict(result["record"])
     if "child_seconds" in result:
-        # What isolation costs: the child's interpreter start and imports (about 6-10 s).
+        # What isolation costs: the child's interpreter start and imports (10-24 s measured here).
         child["process_overhead_seconds"] = max(0.0, result["child_seconds"] - sum(child.values()))
     child["export_mode"] = export_mode
     return _record(out, precision, layout, time.perf_counter() - t0, child, lt)
