@@ -24,6 +24,7 @@ class TensorSpec(BaseModel):
     shape: list[int | str]
     dtype: str = "float32"
     layout: str | None = None  # "NCHW" / "NHWC" for images, None otherwise
+    quantization: dict | None = None  # {"scale", "zero_point"} of an integer model input/output
 
 
 class LatencyMs(BaseModel):

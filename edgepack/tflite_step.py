@@ -53,8 +53,9 @@ def build_tflite(tmp: Path, loaded: LoadedModel, profile: TargetProfile, calib: 
     drop = (artifacts[0].metrics.accuracy or 0) - (artifacts[1].metrics.accuracy or 0) if evals.labelled else None
     say(f"TFLite int8: agreement with TFLite fp32 {artifacts[1].metrics.agreement:.2f}%"
         + (f", accuracy drop {drop:.2f} points" if drop is not None else ""))
-    keep = ("seconds", "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops",
-            "float_op_counts", "converter", "layout")
+    keep = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
+            "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",
+            "converter", "layout")
     stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
              "parity": parity, "calibration_samples": n_cal, "scheme": tflite.INT8_SCHEME}
     return artifacts, stage, _section(stage, artifacts)
