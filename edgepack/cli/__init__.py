@@ -30,7 +30,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show Python traceba
         os.environ["EDGEPACK_DEBUG"] = "1"
 
 
+_registered = False
+
+
 def _register_all() -> None:
+    global _registered
+    if _registered:  # main() may run many times in one process (tests, notebooks)
+        return
+    _registered = True
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
