@@ -96,18 +96,32 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise EdgepackError(f"{where} invalid:\n{format_validation(e)}") from e
 
 
-_PATH_KEYS = ("weights", "calib", "eval", "train", "out")
+_PATH_KEYS = ("model", "weights", "calib", "eval", "train", "out", "target")
+_LIST_PATH_KEYS = ("targets_dir", "devices_dir")
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Relative paths in a config file are relative to the file, not to the working directory."""
     out = dict(data)
     for key in _PATH_KEYS:
-        v = out.get(key)
-        if isinstance(v, str) and not Path(v).is_absolute() and (":" not in v or v.endswith((".py", ".npz"))):
-            out[key] = str(base / v)
-    m = out.get("model")
-    if isinstance(m, str) and (m.endswith(".onnx") or ".py:" in m):
-        path, sep, attr = m.partition(".py:")
-        out["model"] = str(base / (path + ".py")) + ":" + attr if sep else str(base / m)
+        if isinstance(out.get(key), str):
+            out[key] = _relative_to(out[key], base, bare_name_is_path=key not in ("target",))
+    for key in _LIST_PATH_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [str(base / v) if isinstance(v, str) else v for v in out[key]]
     return out
+
+
+def _relative_to(value: str, base: Path, bare_name_is_path: bool) -> str:
+    """`file.py:fn` -> its file resolved; `package.module:fn` unchanged; `x.toml`, `data/calib` ->
+    resolved (a target given by name, like "rpi", stays a name)."""
+    if Path(value).is_absolute():
+        return value
+    path, sep, attr = value.partition(".py:")
+    if sep:
+        return f"{base / (path + '.py')}:{attr}"
+    if ":" in value:  # package.module:function
+        return value
+    if not bare_name_is_path and not value.endswith(".toml"):
+        return value
+    return str(base / value)

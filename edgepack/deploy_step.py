@@ -14,8 +14,9 @@ EMULATION_SAMPLES = 256  # emulated inference is slow; this many eval samples gi
 def deploy_and_bench(result, device, cfg, evals: Dataset, say) -> None:
     from .devices import bench
     say(f"deploying to {device.name} and benchmarking there" + (" (emulated: latency not judged)" if device.emulated else ""))
-    r = bench(result.path, device, accept_new_host_key=cfg.accept_new_host_key, progress=say,
-              dirs=cfg.devices_dir or None, runs=100 if not device.emulated else 20)
+    r = bench(result.path, device, threads=result.manifest.target["threads"], progress=say,
+              accept_new_host_key=cfg.accept_new_host_key, dirs=cfg.devices_dir or None,
+              runs=100 if not device.emulated else 20)
     result.device_results.append(r)
     if device.emulated:
         _compare_emulated(result, device, evals, say)
@@ -29,8 +30,12 @@ def deploy_and_bench(result, device, cfg, evals: Dataset, say) -> None:
 def _compare_emulated(result, device, evals: Dataset, say) -> None:
     """int8 artifacts on the emulated aarch64 runtimes vs on x86, same inputs: the ARM kernels differ."""
     from . import runtime
-    from .emulate import compare_on_emulator
+    from .emulate import compare_on_emulator, emulator_for_python
     from .tflite.validate import run_tflite
+    env = emulator_for_python(device.python_cmd)
+    if env is None or device.transport != "local":
+        say(f"{device.name} is marked emulated but is not an edgepack emulator: aarch64-vs-x86 comparison skipped")
+        return
     m = read_manifest(result.path)
     data = evals.take(EMULATION_SAMPLES)
     rows, records = [], []
@@ -45,7 +50,7 @@ def _compare_emulated(result, device, evals: Dataset, say) -> None:
         else:
             x86 = runtime.open_model(path).run([data.x])[0]
             x = data.x
-        c = compare_on_emulator(path, x, x86)
+        c = compare_on_emulator(path, x, x86, emulator=env)
         records.append({k: c.get(k) for k in ("artifact", "format", "samples", "top1_agreement", "max_abs_diff",
                                               "machine", "backend", "backend_version", "runtimes")})
         rows.append([a.path, c["machine"], f"{c['backend']} {c['backend_version']}", c["samples"],

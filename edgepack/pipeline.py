@@ -190,10 +190,11 @@ def _fallback(fp32: Path, pre: Path, int8: Path, calib: Dataset, evals: Dataset,
     budget = profile.budgets.max_accuracy_drop
     say(f"drop {drop:.2f} > budget {budget}: ranking nodes by int8 sensitivity")
     ranking = node_sensitivity(pre, int8, calib)
-    record = {"initial_drop": round(drop, 3), "ranking": ranking[:15], "tried": []}
+    record = {"initial_drop": round(drop, 3), "ranking": ranking[:15], "tried": [],
+              "applies_to": "the ONNX int8 artifact"}
     best = (drop, None)
-    k = 1
-    while k <= min(max_nodes, len(ranking)):
+    cap = min(max_nodes, len(ranking))
+    for k in sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)} - {0}):  # 1, 2, 4, ..., cap
         excluded = [r["node"] for r in ranking[:k]]
         cand = int8.with_name(".fallback.int8.onnx")
         quantize_onnx(fp32, cand, calib, profile.quantization, profile.threads, excluded, preprocessed=pre)
@@ -207,7 +208,6 @@ def _fallback(fp32: Path, pre: Path, int8: Path, calib: Dataset, evals: Dataset,
             int8_out = out
         if d <= budget:
             break
-        k *= 2
     record["float_nodes"] = best[1] or []
     record["final_drop"] = round(best[0], 3)
     record["met_budget"] = best[0] <= budget
@@ -286,7 +286,7 @@ def _load_data(cfg: BuildConfig, loaded: LoadedModel, pre: Preprocess, raw_calib
 
 def _resolve_device(cfg: BuildConfig, profile: TargetProfile):
     from .devices import get_device
-    device = get_device(cfg.device, cfg.devices_dir or None)
+    device = get_device(cfg.device, cfg.devices_dir or None, cfg.targets_dir or None)
     arch = device.profile().arch
     if arch != profile.arch:
         raise EdgepackError(f"device {device.name} is {arch} (target {device.target!r}) but this build is for "
@@ -307,12 +307,19 @@ def _writable_dir(path: Path) -> Path:
 
 
 def _replace_dir(new: Path, final: Path) -> None:
-    """Swap the finished directory into place; the old one is removed only after the swap."""
+    """Swap the finished directory into place; the old one is removed only after the swap, and
+    put back if the swap fails (say, a concurrent build of the same name got there first)."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
-    new.rename(final)
+    try:
+        new.rename(final)
+    except OSError as e:
+        if old is not None and not final.exists():
+            old.rename(final)
+        raise EdgepackError(f"could not move the new build into {final}: {e.strerror}",
+                            "another build of the same name may be running; the previous build is kept") from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

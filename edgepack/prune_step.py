@@ -28,6 +28,9 @@ def prune(loaded: LoadedModel, cfg: BuildConfig, profile: TargetProfile, data: d
     """Returns (loaded model with the pruned module, stage record, report section)."""
     from .prune import UnprunableModel, run_prune_stage
     pcfg = prune_config(cfg.prune)
+    if not pcfg.enabled:
+        raise EdgepackError("pruning options were given without a goal",
+                            "add --prune R (0 < R < 1) or --prune-to-latency, or ratio = R under [prune]")
     train, evals = data.get("train"), data["eval"]
     if train is None:
         say("warning: no --train data: pruning without fine-tuning, accuracy will drop")

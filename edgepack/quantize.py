@@ -28,18 +28,30 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 class DatasetReader(CalibrationDataReader):
-    """ONNX Runtime's data-reader protocol over a Dataset: one feed dict per batch."""
+    """ONNX Runtime's data-reader protocol over a Dataset: one feed dict per batch.
 
-    def __init__(self, input_name: str, data: Dataset, batch_size: int = 16):
-        self.input_name, self.data, self.batch_size = input_name, data, batch_size
+    `fixed=True` (a model exported with a fixed batch size) skips a ragged last batch."""
+
+    def __init__(self, input_name: str, data: Dataset, batch_size: int = 16, fixed: bool = False):
+        self.input_name, self.data, self.batch_size, self.fixed = input_name, data, batch_size, fixed
         self.rewind()
 
     def get_next(self):
         batch = next(self._it, None)
+        if batch is not None and self.fixed and len(batch[0]) != self.batch_size:
+            batch = None
         return None if batch is None else {self.input_name: batch[0].astype(np.float32)}
 
     def rewind(self):
         self._it = self.data.batches(self.batch_size)
+
+    @classmethod
+    def for_model(cls, model_path: Path, data: Dataset, batch_size: int = 16) -> "DatasetReader":
+        """A reader shaped for the model's first input: its fixed batch size, if it has one."""
+        inp = onnx.load(str(model_path), load_external_data=False).graph.input[0]
+        dims = inp.type.tensor_type.shape.dim
+        fixed = dims[0].dim_value if dims and dims[0].dim_value > 0 else 0
+        return cls(inp.name, data, fixed or batch_size, fixed=bool(fixed))
 
 
 def check_calibration_data(data: Dataset) -> None:
@@ -59,7 +71,13 @@ def preprocess(fp32_path: Path, out_path: Path) -> Path:
         try:
             quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference fails on some graphs; ONNX's is enough
-            quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+            try:
+                quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+            except Exception as e:
+                raise EdgepackError(f"ONNX Runtime's quantization pre-pass failed on {Path(fp32_path).name}: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                    "the graph may use an op ONNX shape inference does not know; "
+                                    "rerun with --debug for the full trace") from e
     return out_path
 
 
@@ -69,7 +87,6 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calib: Dataset, q: Quantizat
     """Quantize `fp32_path` to a QDQ int8 model at `int8_path` (atomic); returns a record."""
     check_calibration_data(calib)
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     calib = calib.take(q.calibration_samples)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepack-q-") as tmpdir:
@@ -82,7 +99,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calib: Dataset, q: Quantizat
         try:
             with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                 quantize_static(
-                    str(pre), str(tmp_out), DatasetReader(input_name, calib),
+                    str(pre), str(tmp_out), DatasetReader.for_model(fp32_path, calib),
                     quant_format=QuantFormat.QDQ, per_channel=q.per_channel,
                     activation_type=getattr(QuantType, q.activation_type),
                     weight_type=getattr(QuantType, q.weight_type),
@@ -110,15 +127,14 @@ def node_sensitivity(fp32_path: Path, int8_path: Path, data: Dataset, samples: i
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
     graph = onnx.load(str(fp32_path)).graph
-    input_name = graph.input[0].name
     data = data.take(samples)
     with tempfile.TemporaryDirectory(prefix="edgepack-sens-") as tmpdir:
         aug_f, aug_q = Path(tmpdir) / "f.onnx", Path(tmpdir) / "q.onnx"
         with redirect_stdout(io.StringIO()):
             modify_model_output_intermediate_tensors(str(fp32_path), str(aug_f))
             modify_model_output_intermediate_tensors(str(int8_path), str(aug_q))
-            acts_f = collect_activations(str(aug_f), DatasetReader(input_name, data, 8))
-            acts_q = collect_activations(str(aug_q), DatasetReader(input_name, data, 8))
+            acts_f = collect_activations(str(aug_f), DatasetReader.for_model(fp32_path, data, 8))
+            acts_q = collect_activations(str(aug_q), DatasetReader.for_model(fp32_path, data, 8))
         errors = compute_activation_error(create_activation_matching(acts_q, acts_f))
     sqnr = {name: e["xmodel_err"] for name, e in errors.items() if "xmodel_err" in e}
     consumers: dict[str, list] = {}

@@ -70,6 +70,7 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
     if fb:
         status = "met" if fb["met_budget"] else "still NOT met"
         parts += ["### Accuracy-aware fallback", "",
+                  f"Applies to {fb.get('applies_to', 'the ONNX int8 artifact')}. "
                   f"int8 drop {fb['initial_drop']} points exceeded the budget; after leaving "
                   f"{len(fb['float_nodes'])} node(s) in float the drop is {fb['final_drop']} points (budget {status}).",
                   "", "Nodes left in float: " + (", ".join(f"`{n}`" for n in fb["float_nodes"]) or "none"), "",

@@ -152,6 +152,31 @@ def available_runtimes() -> dict:
     return found
 
 
+def fixed_batch(runner: Runner) -> int | None:
+    """The batch size the model insists on (TFLite, or an ONNX file exported without dynamic axes)."""
+    dims = runner.input_shapes[0] if runner.input_shapes else []
+    return int(dims[0]) if dims and isinstance(dims[0], (int, np.integer)) and dims[0] > 0 else None
+
+
+def run_batched(runner: Runner, inputs, batch_size: int = 32) -> list:
+    """Run whole arrays (N, ...) through a model in batches; a fixed-batch model gets its own batch
+    size, with the ragged tail padded by repeating the last sample and the padding dropped."""
+    inputs = [np.asarray(x) for x in inputs]
+    n = len(inputs[0])
+    step = fixed_batch(runner) or batch_size
+    outs = None
+    for start in range(0, n, step):
+        chunk = [x[start:start + step] for x in inputs]
+        real = len(chunk[0])
+        if real < step and fixed_batch(runner):
+            chunk = [np.concatenate([c, np.repeat(c[-1:], step - real, 0)]) for c in chunk]
+        ys = runner.run(chunk)
+        outs = outs or [[] for _ in ys]
+        for acc, y in zip(outs, ys):
+            acc.append(np.asarray(y)[:real])
+    return [np.concatenate(acc) for acc in outs]
+
+
 def time_runs(runner: Runner, inputs, warmup: int = 10, runs: int = 50) -> dict:
     """Latency statistics in milliseconds: first run, then warm-up, then `runs` timed calls."""
     import time

@@ -5,6 +5,7 @@ artifact must fit (budgets). Users add their own with `--targets-dir DIR` (searc
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -57,8 +58,15 @@ class TargetProfile(Strict):
         return "tflite" if self.runtime == "tflite" and "tflite" in self.formats else "onnx"
 
 
+def user_dirs() -> list[Path]:
+    """$EDGEPACK_TARGETS_DIR (os.pathsep-separated), then ~/.config/edgepack/targets, if present."""
+    env = [Path(p).expanduser() for p in os.environ.get("EDGEPACK_TARGETS_DIR", "").split(os.pathsep) if p]
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path("~/.config").expanduser()) / "edgepack" / "targets"
+    return env + ([xdg] if xdg.is_dir() else [])
+
+
 def _search_dirs(extra: list[Path] | None) -> list[Path]:
-    dirs = [Path(d) for d in (extra or [])]
+    dirs = [Path(d).expanduser() for d in (extra or [])] + user_dirs()
     return dirs + [d for d in BUILTIN_DIRS if d.is_dir()]
 
 

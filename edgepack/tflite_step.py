@@ -51,7 +51,9 @@ def build_tflite(tmp: Path, loaded: LoadedModel, profile: TargetProfile, calib: 
                            + ", ".join(sorted(set(rec["float_ops"]))))
         artifacts.append(a)
     drop = (artifacts[0].metrics.accuracy or 0) - (artifacts[1].metrics.accuracy or 0) if evals.labelled else None
-    say(f"TFLite int8: agreement with TFLite fp32 {artifacts[1].metrics.agreement:.2f}%"
+    agreement = artifacts[1].metrics.agreement
+    say("TFLite int8: " + (f"agreement with TFLite fp32 {agreement:.2f}%" if agreement is not None else
+                           f"cosine with TFLite fp32 {artifacts[1].metrics.cosine:.5f}")
         + (f", accuracy drop {drop:.2f} points" if drop is not None else ""))
     keep = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
             "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",

@@ -18,10 +18,8 @@ from .targets import Budgets
 
 
 def predict(runner: runtime.Runner, data: Dataset, batch_size: int = 64) -> np.ndarray:
-    """Run the whole dataset through a runner; fixed-batch models (TFLite) go one sample at a time."""
-    fixed = runner.input_shapes[0][0] if runner.input_shapes[0] else 1
-    bs = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
-    return np.concatenate([runner.run([x])[0] for x, _ in data.batches(bs)])
+    """First output of the model over the whole dataset (fixed-batch models are padded)."""
+    return runtime.run_batched(runner, [data.x], batch_size)[0]
 
 
 def top1(outputs: np.ndarray, labels: np.ndarray) -> float:

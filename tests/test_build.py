@@ -143,3 +143,74 @@ def test_off_target_latency_is_not_judged(user_model, tmp_path):
     lat = [v for v in m.verdicts if v.budget == "latency_p50_ms"][0]
     assert lat.ok is None and "target is aarch64" in lat.note
     assert m.primary == "model.int8.onnx"  # tflite not requested here
+
+
+def test_onnx_with_fixed_batch(user_model, tmp_path):
+    """torch.onnx.export's default: batch fixed at 1. Calibration and evaluation must adapt."""
+    import torch
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(user_model["module"], (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"])
+    code, _, err = run_cli("build", "--model", str(path), "--calib", user_model["calib"], "--eval",
+                           user_model["eval"], "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5")
+    assert code == 0, err
+    m = read_manifest(tmp_path / "d" / "fixed-x86")
+    assert m.inputs[0].shape == [1, 3, 16, 16]
+    assert m.artifact("model.int8.onnx").metrics.accuracy >= 90  # 32 eval samples, one at a time
+
+
+def test_config_paths_are_relative_to_the_file(user_model, tmp_path, monkeypatch):
+    import shutil
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copy(user_model["root"] / "mynet.py", proj / "mynet.py")
+    shutil.copy(user_model["weights"], proj / "w.safetensors")
+    shutil.copy(user_model["calib"], proj / "data" / "calib.npz")
+    (proj / "t").mkdir()
+    (proj / "t" / "edge.toml").write_text('arch = "x86_64"\nruntime = "onnxruntime"\nthreads = 1\n')
+    (proj / "edgepack.toml").write_text('model = "mynet.py:build"\nweights = "w.safetensors"\n'
+                                        'calib = "data/calib.npz"\neval = "mynet.py:calib_data"\n'
+                                        'target = "edge"\ntargets_dir = ["t"]\nout = "dist"\nlatency_runs = 5\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli("build", "--config", str(proj / "edgepack.toml"), "-q")
+    assert code == 0, err
+    assert (proj / "dist" / "mynet-edge" / "manifest.json").exists()
+
+
+def test_mean_std_flags(tmp_path):
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((40, 40), 60 * i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    code, _, err = run_cli("build", "--calib", str(tmp_path / "imgs"), "--eval", str(tmp_path / "imgs"),
+                           "--mean", "0.5", "--std", "0.5", "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5",
+                           "--budget", "max_accuracy_drop=100")
+    assert code == 0, err
+    code, _, err = run_cli("build", "--calib", str(tmp_path / "imgs"), "--mean", "0.5,abc", "-q",
+                           "--out", str(tmp_path / "d2"))
+    assert code == 2 and "--mean '0.5,abc' must be comma-separated numbers" in err
+
+
+def test_failure_after_temp_dir_keeps_previous_build(user_model, tmp_path):
+    """A build that fails mid-way (export parity) removes its temporary directory and leaves the
+    previous good build of the same name untouched."""
+    out = tmp_path / "dist"
+    code, err = 0, ""
+    code, _, err = run_cli("build", "--model", user_model["model"], "--weights", user_model["weights"],
+                           "--calib", user_model["calib"], "--out", str(out), "--name", "same", "-q", "--latency-runs", "5")
+    assert code == 0, err
+    before = (out / "same-x86" / "manifest.json").read_text()
+    bad = tmp_path / "dd.py"
+    bad.write_text("import torch\nclass DD(torch.nn.Module):\n    input_shape = (1, 3, 16, 16)\n"
+                   "    def forward(self, x):\n        return (x * 2 if x.sum() > 0 else x - 1).flatten(1)[:, :4]\n"
+                   "def build():\n    return DD()\n")
+    x = np.abs(np.random.default_rng(0).standard_normal((16, 3, 16, 16))).astype(np.float32)
+    np.savez(tmp_path / "pos.npz", x=x)
+    code, _, err = run_cli("build", "--model", f"{bad}:build", "--calib", str(tmp_path / "pos.npz"),
+                           "--out", str(out), "--name", "same", "-q")
+    assert code == 2 and "disagrees with PyTorch" in err
+    assert sorted(p.name for p in out.iterdir()) == ["same-x86"]
+    assert (out / "same-x86" / "manifest.json").read_text() == before

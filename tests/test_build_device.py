@@ -38,3 +38,20 @@ def test_build_for_a_device_of_another_arch_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     code, _, err = run_cli("build", "--target", "rpi", "--device", "local", "--out", str(tmp_path / "dist"), "-q")
     assert code == 2 and "device local is x86_64" in err and "--target x86" in err
+
+
+def test_device_with_a_user_target_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "nuc.toml").write_text('arch = "x86_64"\nruntime = "onnxruntime"\nthreads = 1\n'
+                                             '[budgets]\nlatency_p50_ms = 100\n')
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nuc1.toml").write_text('name = "nuc1"\ntarget = "nuc"\ntransport = "local"\n'
+                                                f'workdir = "{tmp_path / "work"}"\n')
+    code, _, err = run_cli("build", "--target", "nuc", "--targets-dir", str(tmp_path / "t"), "--device", "nuc1",
+                           "--devices-dir", str(tmp_path / "dev"), "--out", str(tmp_path / "dist"), "-q",
+                           "--latency-runs", "5")
+    assert code == 0, err
+    m = read_manifest(tmp_path / "dist" / "digits-cnn-nuc")
+    assert m.bench[0]["device"] == "nuc1" and m.bench[0]["threads"] == 1

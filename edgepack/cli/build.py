@@ -26,7 +26,16 @@ def _parse_budgets(items: list[str]) -> dict:
     return budgets
 
 
-def summary_table(result) -> Table:
+def _floats(flag: str, text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise EdgepackError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def summary_table(result) -> tuple[Table, Table]:
     from ..report import ARTIFACT_HEADER, artifact_rows, verdict_rows
     m = result.manifest
     t = Table(title=f"{m.name} for {m.target['name']}: {'PASS' if m.passed else 'FAIL'}", title_justify="left")
@@ -80,23 +89,24 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON on stdout"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     ):
-        from ..pipeline import build as run_build
         from ..config import load_config
-        floats = lambda s: [float(v) for v in s.split(",")] if s else None  # noqa: E731
-        prune_cfg = None
-        if prune is not None or prune_to_latency:
-            prune_cfg = {k: v for k, v in {
-                "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
-                "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
-                "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
-            }.items() if v is not None}
+        from ..load import parse_shape
+        from ..pipeline import build as run_build
+        # Only flags actually given: load_config merges these tables over the config file's.
+        prune_cfg = {k: v for k, v in {
+            "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
+            "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
+            "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
+        }.items() if v is not None} or None
+        data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std)}.items()
+                    if v is not None} or None
+        shape = parse_shape(input_shape)
         cfg = load_config(config, {
             "target": target, "model": model, "weights": weights,
-            "input_shape": [int(s) for s in input_shape.lower().split("x")] if input_shape and input_shape.replace("x", "").isdigit() else input_shape,
+            "input_shape": list(shape) if shape else None,
             "calib": calib, "eval": eval_, "train": train, "out": out_dir, "name": name,
             "targets_dir": targets_dir or None, "threads": threads, "formats": formats or None,
-            "calibration_method": calibration_method,
-            "data": {"mean": floats(mean), "std": floats(std)} if (mean or std) else None,
+            "calibration_method": calibration_method, "data": data_cfg,
             "budgets": _parse_budgets(budget) or None, "trust_pickle": trust_pickle or None,
             "fallback": False if no_fallback else None, "max_float_nodes": max_float_nodes,
             "latency_runs": latency_runs, "prune": prune_cfg, "device": device,

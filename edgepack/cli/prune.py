@@ -81,9 +81,10 @@ def register(app: typer.Typer) -> None:
 
         pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
                                          train_ds, eval_ds, progress)
-        if record.ratio == 0.0:
-            raise EdgepackError(f"{model} already meets the {profile.budgets.latency_p50_ms} ms budget "
-                                f"of {profile.name}: nothing was pruned or written")
+        if record.ratio == 0.0:  # a latency goal the unpruned model already meets
+            console.print(f"[yellow]{model} already meets the {profile.budgets.latency_p50_ms} ms budget of "
+                          f"{profile.name}: nothing pruned, nothing written[/]", highlight=False)
+            return
         save_pruned(pruned, out_path, record)
         if record_path is not None:
             record_path.write_text(json.dumps(record.to_dict(), indent=1))

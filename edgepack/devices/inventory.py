@@ -44,6 +44,7 @@ class Device(_Strict):
     emulated: bool = False
     ssh: SshConfig | None = None
     source: str | None = Field(None, exclude=True)  # the toml file it came from
+    targets_dirs: list[str] = Field([], exclude=True)  # where its target profile was found
 
     @model_validator(mode="after")
     def _ssh_table_matches_transport(self):
@@ -67,7 +68,7 @@ class Device(_Strict):
 
     def profile(self) -> TargetProfile:
         from ..targets import load_profile
-        return load_profile(self.target)
+        return load_profile(self.target, [Path(d) for d in self.targets_dirs])
 
 
 def search_dirs(dirs: list[Path | str] | None = None) -> list[Path]:
@@ -104,10 +105,12 @@ def load_device_file(path: Path, targets: dict[str, TargetProfile] | None = None
     return device
 
 
-def load_inventory(dirs: list[Path | str] | None = None) -> dict[str, Device]:
+def load_inventory(dirs: list[Path | str] | None = None,
+                   targets_dirs: list[Path | str] | None = None) -> dict[str, Device]:
     """All devices by name; earlier directories shadow later ones. Missing dirs are skipped,
-    except a `--devices-dir` the user named explicitly."""
-    targets = list_profiles()
+    except a `--devices-dir` the user named explicitly. `targets_dirs`: extra profile directories
+    (as `--targets-dir`) in which device targets may be defined."""
+    targets = list_profiles([Path(d) for d in (targets_dirs or [])])
     explicit = {Path(d).expanduser() for d in (dirs or [])}
     devices: dict[str, Device] = {}
     for d in search_dirs(dirs):
@@ -117,12 +120,14 @@ def load_inventory(dirs: list[Path | str] | None = None) -> dict[str, Device]:
             continue
         for f in sorted(d.glob("*.toml")):
             dev = load_device_file(f, targets)
+            dev.targets_dirs = [str(d) for d in (targets_dirs or [])]
             devices.setdefault(dev.name, dev)
     return devices
 
 
-def get_device(name: str, dirs: list[Path | str] | None = None) -> Device:
-    inv = load_inventory(dirs)
+def get_device(name: str, dirs: list[Path | str] | None = None,
+               targets_dirs: list[Path | str] | None = None) -> Device:
+    inv = load_inventory(dirs, targets_dirs)
     if name not in inv:
         known = ", ".join(sorted(inv)) or "(none)"
         raise EdgepackError(f"unknown device {name!r}; known devices: {known}",

@@ -25,7 +25,8 @@ def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: boo
     lat = result["latency_ms"]
     where = f"on {device_name}"
     machine = result.get("env", {}).get("machine")
-    off_target = bool(target_arch and machine and machine != target_arch)
+    from .deploy import normalize_arch  # arm64 and aarch64 are one architecture
+    off_target = bool(target_arch and machine and normalize_arch(machine) != normalize_arch(target_arch))
     checks = [
         ("latency_p50_ms", lat["p50"], True),
         ("latency_p90_ms", lat["p90"], True),

@@ -119,7 +119,21 @@ def _dir_size(path: Path) -> int:
 
 def find_emulator(kind: str = "rpi", wheels: dict | None = None) -> EmulatorEnv | None:
     """The complete cached environment for `kind`, or None (never a half-prepared one)."""
-    root = env_root(kind, wheels)
+    return _load_env(env_root(kind, wheels), kind)
+
+
+def emulator_for_python(python: str | Path) -> EmulatorEnv | None:
+    """The prepared environment whose wrapper is `python` (a device's interpreter), or None when
+    that interpreter is not an edgepack emulator."""
+    root = Path(python).expanduser().parent.parent
+    try:
+        kind = json.loads((root / MARKER).read_text()).get("versions", {}).get("kind", "rpi")
+    except (OSError, ValueError):
+        return None
+    return _load_env(root, kind)
+
+
+def _load_env(root: Path, kind: str) -> EmulatorEnv | None:
     marker = root / MARKER
     if not marker.is_file():
         return None

@@ -63,7 +63,7 @@ def run_emulated(args: list[str], *, kind: str = "rpi", emulator: EmulatorEnv | 
 _COMPARE_SCRIPT = r'''
 import json, os, platform, sys, time
 import numpy as np
-from runtime import open_model, available_runtimes
+from runtime import open_model, available_runtimes, run_batched
 
 artifact, workdir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 n_inputs = int(sys.argv[4])
@@ -72,20 +72,11 @@ t0 = time.perf_counter()
 runner = open_model(artifact, threads)
 load_s = time.perf_counter() - t0
 n = xs[0].shape[0]
-fixed_batch = [s[0] if s and isinstance(s[0], int) else None for s in runner.input_shapes]
-outs = None
 t0 = time.perf_counter()
-fixed = [b for b in fixed_batch if b]
-step = fixed[0] if fixed else max(1, min(n, 32))
-for start in range(0, n, step):
-    ys = runner.run([x[start:start + step] for x in xs])
-    if outs is None:
-        outs = [[] for _ in ys]
-    for acc, y in zip(outs, ys):
-        acc.append(np.asarray(y))
+outs = run_batched(runner, xs)
 run_s = time.perf_counter() - t0
-for i, acc in enumerate(outs):
-    np.save(os.path.join(workdir, f"output{i}.npy"), np.concatenate(acc, axis=0))
+for i, out in enumerate(outs):
+    np.save(os.path.join(workdir, f"output{i}.npy"), out)
 cpu = {}
 try:
     for line in open("/proc/cpuinfo"):

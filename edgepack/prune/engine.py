@@ -23,9 +23,6 @@ from .measure import attention_heads, count_macs_params, layer_widths
 from .record import LayerChange, PruneRecord
 from .verify import GroupVerifier
 
-# A group with a width below this after pruning is a design smell (and breaks round_to).
-MIN_CHANNELS = 1
-
 
 class UnprunableModel(EdgepackError):
     """The model (or a named layer) cannot be structurally pruned. Callers that allow it may
@@ -51,7 +48,7 @@ def resolve_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     for name in names:
         if name not in modules:
             scored = sorted((-difflib.SequenceMatcher(None, name, k).ratio(), k) for k in modules if k)
-            close = [k for score, k in scored[:5] if -score >= 0.4]  # ties in module order
+            close = [k for score, k in scored[:5] if -score >= 0.4]  # best first, ties alphabetical
             raise EdgepackError(
                 f"ignore_layers: the model has no layer named {name!r}"
                 + (f"; close matches: {', '.join(close)}" if close else ""),

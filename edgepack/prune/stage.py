@@ -60,6 +60,8 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
 
     def tune(step: int, student: nn.Module) -> None:
         epochs = ft.epochs // steps if step < steps - 1 else ft.epochs - (steps - 1) * (ft.epochs // steps)
+        if epochs == 0 and step < steps - 1:
+            return  # fewer epochs than steps: the last step gets them all
         step_cfg = ft.model_copy(update={"epochs": epochs, "max_minutes": None})
         report = None if progress is None else (lambda info: progress({"stage": "fine-tune", "step": step + 1,
                                                                         "steps": steps, **info}))
@@ -67,7 +69,8 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         summaries.append({"step": step + 1, **summary})
 
     if progress is not None:
-        progress({"stage": "prune", "ratio": ratio if ratio is not None else cfg.ratio})
+        goal = ratio if ratio is not None else cfg.ratio
+        progress({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
     pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=train,
                                  between_steps=tune)
     acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None

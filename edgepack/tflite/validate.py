@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset
-from ..runtime import open_model, time_runs
+from ..runtime import open_model, run_batched, time_runs
 
 
 def _to_layout(x: np.ndarray, layout: str) -> np.ndarray:
@@ -23,16 +23,7 @@ def run_tflite(path: Path, x: np.ndarray, layout: str = "NCHW", threads: int = 1
                runner=None) -> np.ndarray:
     """First output of the model over all of `x` (NCHW), in chunks of the model's fixed batch."""
     runner = runner or open_model(path, threads)
-    bs = int(runner.input_shapes[0][0]) if runner.input_shapes[0] else 1
-    x = _to_layout(np.asarray(x, dtype=np.float32), layout)
-    outs = []
-    for i in range(0, len(x), bs):
-        chunk = x[i:i + bs]
-        n = len(chunk)
-        if n < bs:  # pad the ragged tail to the fixed batch, then drop the padding
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
-        outs.append(runner.run([chunk])[0][:n])
-    return np.concatenate(outs)
+    return run_batched(runner, [_to_layout(np.asarray(x, dtype=np.float32), layout)])[0]
 
 
 def _torch_outputs(model: nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
