@@ -1,4 +1,5 @@
-"""int8 vs fp32 latency on x86: edgepack's scheme against plain `quantize_static` defaults.
+"""int8 vs fp32 latency on x86: edgepack's scheme against plain `quantize_static` defaults, and
+against edgepack's scheme with signed activations (the one change, to back the profile's choice).
 
 ResNet-18 and MobileNetV2 at 224x224 (edgepack.zoo, own definitions), batch 1, 1 and 2 threads,
 interleaved in one run. Writes bench/results/int8_speed.json.
@@ -31,7 +32,7 @@ def plain_default(fp32: Path, out: Path, calib: Dataset) -> None:
     """What a user gets from ONNX Runtime's quantize_static with nothing but defaults."""
     from onnxruntime.quantization import quantize_static
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        quantize_static(str(fp32), str(out), DatasetReader("input", calib))
+        quantize_static(str(fp32), str(out), DatasetReader.for_model(fp32, calib))
 
 
 def main() -> None:
@@ -50,20 +51,25 @@ def main() -> None:
             d = Path(d)
             fp32 = to_onnx(model, (torch.zeros(1, 3, 224, 224),), d / "fp32.onnx")
             quantize_onnx(fp32, d / "edgepack.onnx", calib, q)
+            quantize_onnx(fp32, d / "signed_act.onnx", calib, q.model_copy(update={"activation_type": "QInt8"}))
             plain_default(fp32, d / "plain.onnx", calib)
-            sizes = {k: (d / f"{k}.onnx").stat().st_size for k in ("fp32", "edgepack", "plain")}
+            variants = ("fp32", "edgepack", "signed_act", "plain")
+            sizes = {k: (d / f"{k}.onnx").stat().st_size for k in variants}
             x = [calib.x[:1]]
             result = {"size_bytes": sizes}
             for threads in (1, 2):
-                runners = {k: OnnxRunner(d / f"{k}.onnx", threads) for k in ("fp32", "edgepack", "plain")}
+                runners = {k: OnnxRunner(d / f"{k}.onnx", threads) for k in variants}
                 t = interleaved(runners, x, rounds=args.rounds)
                 result[f"threads_{threads}"] = {
                     "latency_ms": t,
                     "speedup_edgepack_int8": t["fp32"]["p50"] / t["edgepack"]["p50"],
                     "speedup_plain_default_int8": t["fp32"]["p50"] / t["plain"]["p50"],
+                    "speedup_edgepack_signed_activations": t["fp32"]["p50"] / t["signed_act"]["p50"],
                 }
                 print(f"{name} {threads}t: fp32 {t['fp32']['p50']:.2f} ms, edgepack int8 "
                       f"{t['edgepack']['p50']:.2f} ms ({result[f'threads_{threads}']['speedup_edgepack_int8']:.2f}x), "
+                      f"same with signed activations {t['signed_act']['p50']:.2f} ms "
+                      f"({result[f'threads_{threads}']['speedup_edgepack_signed_activations']:.2f}x), "
                       f"plain quantize_static {t['plain']['p50']:.2f} ms "
                       f"({result[f'threads_{threads}']['speedup_plain_default_int8']:.2f}x)", flush=True)
         doc["models"][f"{name}_224"] = result
