@@ -38,6 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", default="0.3,0.5,0.7")
+    p.add_argument("--macs-targets", default="0.5", help="extra points pruned to keep this fraction of MACs ('' for none)")
     p.add_argument("--width", type=float, default=0.5, help="ResNet-18 width multiplier")
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--baseline-epochs", type=int, default=6)
@@ -120,9 +121,12 @@ def main():
     ft_cfg = dict(epochs=args.ft_epochs, lr=args.ft_lr, seed=0, patience=None, max_minutes=args.ft_minutes)
 
     rows, models = [], {"0": teacher}
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        pruned, record = prune_model(teacher, x, PruneConfig(ratio=ratio, round_to=args.round_to))
-        row = {"ratio": ratio, "macs": record.macs_after, "params": record.params_after,
+    goals = [{"ratio": float(r)} for r in args.ratios.split(",") if r]
+    goals += [{"macs_target": float(m)} for m in args.macs_targets.split(",") if m]
+    for goal in goals:
+        pruned, record = prune_model(teacher, x, PruneConfig(**goal, round_to=args.round_to))
+        ratio = record.ratio
+        row = {"goal": goal, "ratio": ratio, "macs": record.macs_after, "params": record.params_after,
                "macs_reduction": round(record.macs_reduction, 3), "test_acc_pruned": evaluate(pruned, task.test)}
         for name, distill in (("distill", True), ("plain", False)):
             student = copy.deepcopy(pruned)
@@ -145,7 +149,7 @@ def main():
         latency = time_interleaved(paths, args.rounds, args.runs)
 
     macs0, params0 = count_macs_params(teacher, (x,))
-    table = [{"ratio": 0.0, "macs": macs0, "params": params0, "macs_reduction": 1.0,
+    table = [{"goal": {}, "ratio": 0.0, "macs": macs0, "params": params0, "macs_reduction": 1.0,
               "test_acc_pruned": base_info["test_acc"], "test_acc_distill": base_info["test_acc"],
               "test_acc_plain": base_info["test_acc"]}] + rows
     for row in table:
@@ -169,10 +173,11 @@ def main():
 
 def acceptance(table: list[dict]) -> dict:
     base = table[0]
-    two_x = min(table[1:], key=lambda r: abs(r["macs_reduction"] - 2.0))
+    # the point closest to 2x fewer MACs without falling short of 2x, if there is one
+    two_x = min(table[1:], key=lambda r: (r["macs_reduction"] < 2.0, abs(r["macs_reduction"] - 2.0)))
     fp32_0 = base["latency_fp32"]["p50_ms"]
     return {
-        "point_2x_macs": {"ratio": two_x["ratio"], "macs_reduction": two_x["macs_reduction"]},
+        "point_2x_macs": {"goal": two_x["goal"], "ratio": two_x["ratio"], "macs_reduction": two_x["macs_reduction"]},
         "top1_drop_points_distill": round(100 * (base["test_acc_distill"] - two_x["test_acc_distill"]), 2),
         "top1_drop_ok (<= 1.0)": 100 * (base["test_acc_distill"] - two_x["test_acc_distill"]) <= 1.0,
         "distill_minus_plain_points": {str(r["ratio"]): round(100 * (r["test_acc_distill"] - r["test_acc_plain"]), 2)
