@@ -48,7 +48,6 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------
 # Loaders. `input_shape` is the model's input shape without the batch axis, e.g. (3, 224, 224).
 
-import importlib  # noqa: E402  (kept next to the loaders that use it)
 from pathlib import Path  # noqa: E402
 
 from .errors import EdgepackError  # noqa: E402

@@ -2,11 +2,10 @@
 emulated device also compare its aarch64 outputs with this machine's."""
 from __future__ import annotations
 
-import numpy as np
 
 from .data import Dataset
-from .manifest import MANIFEST, read_manifest, write_json_atomic
-from .report import table
+from .manifest import MANIFEST, build_lock, read_manifest, write_json_atomic
+from .report import append_section, table
 
 EMULATION_SAMPLES = 256  # emulated inference is slow; this many eval samples give a stable agreement
 
@@ -59,10 +58,9 @@ def _compare_emulated(result, device, evals: Dataset, say) -> None:
                          "The int8 artifacts run on real aarch64 runtimes under qemu on the same inputs as on x86. "
                          "Emulated latency means nothing and is not judged; outputs are real.", "",
                          table(["artifact", "machine", "runtime", "samples", "top-1 agreement %", "max abs diff"], rows), ""])
-    m.stages["emulation"] = {"device": device.name, "results": records}
-    write_json_atomic(result.path / MANIFEST, m)
-    report = result.path / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text(report.read_text().rstrip("\n") + "\n\n" + section)
-    tmp.replace(report)
+    with build_lock(result.path):
+        m = read_manifest(result.path)
+        m.stages["emulation"] = {"device": device.name, "results": records}
+        write_json_atomic(result.path / MANIFEST, m)
+        append_section(result.path, section)
     result.sections["emulation"] = section

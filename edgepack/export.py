@@ -74,6 +74,14 @@ def simplify_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
 
 
+def torch_predict(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """First output of a PyTorch model (eval mode, no grad) over all of `x`, in batches."""
+    model = model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy()
+                               for i in range(0, len(x), batch_size)])
+
+
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Max abs difference, cosine similarity and top-1 agreement of two (N, ...) output arrays."""
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)

@@ -6,8 +6,13 @@ Deploy and the on-device agent rely on `artifacts[*].path / sha256 / format / pr
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +118,37 @@ def read_manifest(build_dir: Path) -> Manifest:
                             "rebuild with `edgepack build`") from e
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a unique temporary file beside `path`, then rename: readers never see half a file
     and two writers never share a temporary name."""
-    import os
-    import tempfile
     path = Path(path)
-    text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
+    write_text_atomic(path, text + "\n")
+
+
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def build_lock(build_dir: Path):
+    """Serialise read-modify-write of a build's manifest and report (threads and processes:
+    fleet benches finish concurrently)."""
+    lock_dir = Path(build_dir) / "bench"
+    lock_dir.mkdir(exist_ok=True)
+    with _LOCK, open(lock_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -18,13 +18,12 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-import torch
 
 from . import __version__, example
 from .config import BuildConfig
 from .data import Dataset, Preprocess, load_dataset
 from .errors import EdgepackError
-from .export import check_parity, to_onnx
+from .export import check_parity, to_onnx, torch_predict
 from .load import LoadedModel, load_model
 from .manifest import (MANIFEST, Artifact, ArtifactMetrics, Manifest, TensorSpec, sha256_file,
                        write_json_atomic)
@@ -124,7 +123,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
         say("exporting to ONNX and simplifying")
         t0 = time.perf_counter()
         to_onnx(loaded.module, loaded.example_inputs(), fp32)
-        ref = _torch_predict(loaded.module, evals)
+        ref = torch_predict(loaded.module, evals.x)
         parity = check_parity(ref, predict(runtime.open_model(fp32, profile.threads), evals))
         stages["export"] = {"seconds": round(time.perf_counter() - t0, 2), "parity": parity,
                             "nodes": len(onnx.load(str(fp32)).graph.node)}
@@ -261,11 +260,6 @@ def _primary(artifacts: list[Artifact], profile: TargetProfile) -> Artifact:
         if a.format == fmt and a.precision == "int8":
             return a
     return next(a for a in artifacts if a.precision == "int8")
-
-
-def _torch_predict(module, data: Dataset, batch_size: int = 64) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(x)).numpy() for x, _ in data.batches(batch_size)])
 
 
 def _load_data(cfg: BuildConfig, loaded: LoadedModel, pre: Preprocess, raw_calib: Dataset | None) -> dict:

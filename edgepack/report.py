@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .manifest import Manifest
+from .manifest import Manifest, write_text_atomic
 
 REPORT = "report.md"
 
@@ -87,7 +87,12 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
 
 def write_report(build_dir: Path, m: Manifest, sections: dict[str, Any]) -> Path:
     path = Path(build_dir) / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text(render(m, sections))
-    tmp.replace(path)
+    write_text_atomic(path, render(m, sections))
     return path
+
+
+def append_section(build_dir: Path, text: str) -> None:
+    """Add a section at the end of report.md (call it holding `manifest.build_lock`)."""
+    path = Path(build_dir) / REPORT
+    old = path.read_text() if path.exists() else ""
+    write_text_atomic(path, old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")

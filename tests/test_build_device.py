@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from conftest import run_cli
 from edgepack.manifest import read_manifest

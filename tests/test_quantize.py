@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from edgepack.data import Dataset
 from edgepack.errors import EdgepackError
 from edgepack.export import check_parity, to_onnx
 from edgepack.runtime import open_model

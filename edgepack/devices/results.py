@@ -6,30 +6,15 @@ an flock on `<build>/bench/.lock` for other processes) and are written atomicall
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..manifest import read_manifest, write_json_atomic
-
-_LOCK = threading.Lock()
-
-
-@contextmanager
-def build_lock(build_dir: Path):
-    lock_dir = Path(build_dir) / "bench"
-    lock_dir.mkdir(exist_ok=True)
-    with _LOCK, open(lock_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+from ..manifest import build_lock, read_manifest, write_json_atomic
+from ..report import append_section
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -111,8 +96,4 @@ def record(build_dir: Path, result: dict) -> None:
         manifest = read_manifest(build_dir)
         manifest.bench.append(summary(result))
         write_json_atomic(build_dir / "manifest.json", manifest)
-        report = build_dir / "report.md"
-        text = report.read_text() if report.exists() else f"# edgepack report: {manifest.name}\n"
-        tmp = report.with_name(".report.md.tmp")
-        tmp.write_text(text.rstrip("\n") + "\n" + report_section(result))
-        tmp.replace(report)
+        append_section(build_dir, report_section(result))

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..data import Dataset
+from ..export import torch_predict
 from ..runtime import open_model, run_batched, time_runs
 
 
@@ -26,13 +26,6 @@ def run_tflite(path: Path, x: np.ndarray, layout: str = "NCHW", threads: int = 1
     return run_batched(runner, [_to_layout(np.asarray(x, dtype=np.float32), layout)])[0]
 
 
-def _torch_outputs(model: nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    model = model.eval()
-    with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy()
-                               for i in range(0, len(x), batch)])
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     num = (a * b).sum(1)
@@ -44,7 +37,7 @@ def parity_vs_torch(model: nn.Module, path: Path, data: Dataset, layout: str = "
                     n: int = 64, threads: int = 1) -> dict:
     """fp32 TFLite vs PyTorch on `n` samples: max abs diff and mean per-sample cosine."""
     x = np.asarray(data.take(n).x, dtype=np.float32)
-    ref = _torch_outputs(model, x)
+    ref = torch_predict(model, x)
     got = run_tflite(path, x, layout, threads)
     return {"max_abs_diff": float(np.max(np.abs(got - ref))), "cosine": _cosine(got, ref),
             "samples": int(len(x))}
