@@ -234,7 +234,8 @@ class SshTransport(Transport):
             else:
                 self._sftp.put(str(source), remote, callback=cb, confirm=True)
         except (OSError, EOFError) as e:
-            if not self.transport.is_active():
+            # EOF means the channel died; paramiko may not have marked the transport inactive yet.
+            if isinstance(e, EOFError) or not self.transport.is_active():
                 raise DeviceUnreachable(f"device {self.device.name}: connection lost while uploading {remote}") from e
             raise DeviceError(f"device {self.device.name}: upload of {remote} failed: {e}",
                               "check free disk space and permissions of the workdir on the device") from e
