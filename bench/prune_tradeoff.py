@@ -206,13 +206,14 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    table = sorted(table, key=lambda r: r["ratio"])  # lines run from the unpruned model outwards
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prec, marker in (("fp32", "o"), ("int8", "s")):
         lat = [r[f"latency_{prec}"]["p50_ms"] for r in table]
         acc = [100 * (r["test_acc_distill"] if prec == "fp32" else r["test_acc_int8_distill"]) for r in table]
         ax.plot(lat, acc, marker=marker, label=f"{prec}, distillation fine-tuning")
         for r, xl, yl in zip(table, lat, acc):
-            ax.annotate(f"r={r['ratio']}", (xl, yl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(f"r={r['ratio']:.2f}", (xl, yl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     lat = [r["latency_fp32"]["p50_ms"] for r in table[1:]]
     ax.plot(lat, [100 * r["test_acc_plain"] for r in table[1:]], "x--", label="fp32, plain fine-tuning")
     ax.set_xscale("log")
