@@ -132,6 +132,10 @@ def _check_forward(module: nn.Module, shape, spec: str) -> None:
 def load_weights(module: nn.Module, path: Path) -> None:
     if not path.exists():
         raise EdgepackError(f"weights file {path} does not exist", "check the --weights path")
+    if path.suffix == ".safetensors" and _is_pruned_file(path):
+        from .prune import load_pruned  # `edgepack prune --out`: re-apply the pruned shapes first
+        load_pruned(module, path)
+        return
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -165,6 +169,16 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise EdgepackError(f"weights {path} do not fit the model: " + ", ".join(parts),
                             "check that the factory builds the same architecture the weights were saved from")
     module.load_state_dict(state, strict=True)
+
+
+def _is_pruned_file(path: Path) -> bool:
+    from safetensors import safe_open
+    from .prune.saving import FORMAT
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:
+        return False  # not readable as safetensors: the normal path reports it
 
 
 def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
