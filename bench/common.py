@@ -49,3 +49,30 @@ def save(name: str, doc: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def make_onnx_build(build: Path, model, input_shape: tuple, name: str) -> Path:
+    """A minimal build directory (fp32 ONNX + manifest) for device benchmarks, without the pipeline."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    from edgepack.manifest import Artifact, Manifest, TensorSpec, sha256_file, write_json_atomic
+    from edgepack.targets import load_profile
+    build.mkdir(parents=True)
+    model = model.eval()
+    onnx = build / "model.fp32.onnx"
+    x = torch.randn(*input_shape)
+    torch.onnx.export(model, x, str(onnx), input_names=["input"], output_names=["logits"],
+                      dynamo=False, opset_version=17)
+    with torch.no_grad():
+        n_out = model(x).shape[1]
+    spec = TensorSpec(name="input", shape=list(input_shape), dtype="float32", layout="NCHW")
+    write_json_atomic(build / "manifest.json", Manifest(
+        edgepack_version="0.1.0", name=name, created=datetime.now(timezone.utc).isoformat(),
+        target=load_profile("x86").model_dump(), inputs=[spec],
+        outputs=[TensorSpec(name="logits", shape=[input_shape[0], n_out])],
+        artifacts=[Artifact(path=onnx.name, format="onnx", precision="fp32", sha256=sha256_file(onnx),
+                            size_bytes=onnx.stat().st_size, inputs=[spec])],
+        primary=onnx.name))
+    return build

@@ -20,35 +20,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
+
+from common import make_onnx_build  # noqa: E402
 
 import sshd as sshd_mod  # noqa: E402  (tests/sshd.py: the real-sshd helper)
 from edgepack import zoo  # noqa: E402
 from edgepack.devices import bench_fleet  # noqa: E402
 from edgepack.devices.inventory import Device, SshConfig  # noqa: E402
-from edgepack.manifest import Artifact, Manifest, TensorSpec, sha256_file, write_json_atomic  # noqa: E402
-from edgepack.targets import load_profile  # noqa: E402
 
 
 def make_build(build: Path) -> Path:
     """A small ResNet-18 (width 0.25, 32x32 input, ~0.7 MB): a few ms per inference."""
-    build.mkdir(parents=True)
     torch.manual_seed(0)
-    model = zoo.resnet18(num_classes=10, small_input=True, width=0.25).eval()
-    onnx = build / "model.fp32.onnx"
-    torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(onnx), input_names=["input"],
-                      output_names=["logits"], dynamo=False, opset_version=17)
-    spec = TensorSpec(name="input", shape=[1, 3, 32, 32], dtype="float32", layout="NCHW")
-    write_json_atomic(build / "manifest.json", Manifest(
-        edgepack_version="0.1.0", name="fleet", created=datetime.now(timezone.utc).isoformat(),
-        target=load_profile("x86").model_dump(), inputs=[spec], outputs=[TensorSpec(name="logits", shape=[1, 10])],
-        artifacts=[Artifact(path=onnx.name, format="onnx", precision="fp32", sha256=sha256_file(onnx),
-                            size_bytes=onnx.stat().st_size, inputs=[spec])],
-        primary=onnx.name))
-    return build
-
+    return make_onnx_build(build, zoo.resnet18(num_classes=10, small_input=True, width=0.25), (1, 3, 32, 32), "fleet")
 
 def agent_running(workdir: str) -> bool:
     for pid in os.listdir("/proc"):
