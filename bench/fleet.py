@@ -38,20 +38,6 @@ def make_build(build: Path) -> Path:
     torch.manual_seed(0)
     return make_onnx_build(build, zoo.resnet18(num_classes=10, small_input=True, width=0.25), (1, 3, 32, 32), "fleet")
 
-def agent_running(workdir: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            args = cmd.split(b"\0")
-            # The agent itself (not a deploy step whose arguments merely mention agent.py).
-            if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in args):
-                return True
-    return False
-
-
 def brief(fleet: dict) -> dict:
     return {"wall_s": fleet["wall_s"], "ok": fleet["ok"], "failed": fleet["failed"],
             "devices": [{"device": r["device"], "ok": r["ok"],
@@ -92,7 +78,7 @@ def main() -> None:
 
             def kill_victim():
                 deadline = time.monotonic() + 120
-                while time.monotonic() < deadline and not agent_running(devs[victim].workdir):
+                while time.monotonic() < deadline and not sshd_mod.agent_running(devs[victim].workdir):
                     time.sleep(0.05)
                 servers[victim].kill()
 

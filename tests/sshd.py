@@ -113,3 +113,18 @@ LogLevel ERROR
 
     def known_hosts_line(self) -> str:
         return f"[127.0.0.1]:{self.port} " + " ".join((self.root / "host_ed25519.pub").read_text().split()[:2]) + "\n"
+
+
+def agent_running(workdir: str) -> bool:
+    """Is an edgepack agent deployed under `workdir` running right now? (to kill a device mid-run)"""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            args = cmd.split(b"\0")
+            # The agent itself (not a deploy step whose arguments merely mention agent.py).
+            if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in args):
+                return True
+    return False

@@ -125,27 +125,13 @@ def test_disk_full_on_device(tmp_path, ssh_device, tiny_disk):
     assert len(deploy(b, dev)["sent"]) == 4
 
 
-def _agent_running(workdir: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            args = cmd.split(b"\0")
-            # The agent itself (not a deploy step whose arguments merely mention agent.py).
-            if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in args):
-                return True
-    return False
-
-
 def test_fleet_survives_a_device_dying_mid_benchmark(build_dir, ssh_device):
     devs = [ssh_device(f"fleet-{i}") for i in range(3)]
     victim_dev, victim = devs[1]
 
     def kill_when_benchmarking():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _agent_running(victim_dev.workdir):
+        while time.monotonic() < deadline and not sshd_mod.agent_running(victim_dev.workdir):
             time.sleep(0.05)
         time.sleep(0.3)
         victim.kill()
@@ -215,7 +201,7 @@ def test_device_that_hangs_silently_times_out(build_dir, ssh_device, monkeypatch
 
     def freeze():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _agent_running(dev.workdir):
+        while time.monotonic() < deadline and not sshd_mod.agent_running(dev.workdir):
             time.sleep(0.05)
         for pid in [server.proc.pid, *sshd_mod.descendants(server.proc.pid)]:
             os.kill(pid, signal.SIGSTOP)
