@@ -37,7 +37,7 @@ def test_task_is_not_solved_by_a_linear_model(task):
 @pytest.mark.slow
 @pytest.mark.parametrize("build, epochs", [
     (lambda: resnet18(10, 1, small_input=True, width=0.25), 6),  # seed 0: 84.2% test, ~1.5 min
-    # seed 0: 80.6% at 14 epochs (77.5% at 10, 79.3% at width 0.5): at the edge of the band, see tasks.py
+    # seed 0: 80.6% at 14 epochs (77.5% at 10, 79.3% at width 0.5): at the lower edge of the band
     (lambda: mobilenet_v2(10, 1, width=0.35, small_input=True), 14),
 ], ids=["resnet18", "mobilenet_v2"])
 def test_baselines_land_between_80_and_95_percent(build, epochs):
