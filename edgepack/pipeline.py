@@ -72,8 +72,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     profile = resolve_profile(cfg)
     device = _resolve_device(cfg, profile) if cfg.device else None  # fail before a long build
     out_root = _writable_dir(Path(cfg.out))
-    is_default = cfg.model is None
-    if is_default:
+    if cfg.model is None:
         cfg = cfg.model_copy(update={"model": example.MODEL_SPEC, "weights": str(example.WEIGHTS),
                                      "calib": cfg.calib or example.CALIB_SPEC,
                                      "eval": cfg.eval or example.EVAL_SPEC,
