@@ -260,3 +260,22 @@ def test_encrypted_key_file_is_explained(build_dir, ssh_device, tmp_path):
     with pytest.raises(DeviceError, match=rf"device enc: key {locked} is encrypted and needs a passphrase") as e:
         deploy(build_dir, dev)
     assert "ssh-agent" in e.value.hint
+
+
+def test_closing_a_dead_connection_keeps_the_original_error(build_dir, ssh_device):
+    # Closing sends a packet; when the device has just died that raises EOFError, which used to
+    # replace "connection lost while uploading ..." (seen once in CI). Made deterministic here.
+    from edgepack.devices.transport import connect
+
+    dev, server = ssh_device("dying")
+    t = connect(dev)
+    Path(dev.workdir).mkdir(parents=True, exist_ok=True)
+    t.put(b"x", f"{dev.workdir}/probe.bin")
+
+    class DeadSftp:
+        def close(self):
+            raise EOFError()
+
+    t._sftp = DeadSftp()
+    server.kill()
+    t.close()  # must not raise

@@ -241,11 +241,18 @@ class SshTransport(Transport):
                               "check free disk space and permissions of the workdir on the device") from e
 
     def close(self):
+        # Closing sends a last packet; over a connection that just died that raises EOFError or
+        # OSError, which must not replace the error that explains what happened.
         try:
             if self._sftp is not None:
                 self._sftp.close()
+        except (OSError, EOFError):
+            pass
         finally:
-            self.client.close()
+            try:
+                self.client.close()
+            except (OSError, EOFError):
+                pass
 
 
 def _connect_reason(e: BaseException) -> str:
