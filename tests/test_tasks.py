@@ -24,6 +24,10 @@ def test_task_is_deterministic_and_shaped(task):
         assert np.bincount(split.y, minlength=10).min() > 0.05 * len(split) # every class present
     assert len(task.train) + len(task.val) + len(task.test) == 1797  # each source digit used once
     assert len(noisy_digits(seed=0, train_copies=3).train) == 3 * len(task.train)
+    more = noisy_digits(seed=0, train_copies=1, test_copies=3)
+    assert np.array_equal(more.train.x, task.train.x) and np.array_equal(more.val.x, task.val.x)
+    assert len(more.test) == 3 * len(task.test) and np.array_equal(more.test.y[:len(task.test)], task.test.y)
+    assert not np.array_equal(more.test.x[:len(task.test)], more.test.x[len(task.test):])  # new distortions
 
 
 def test_task_is_not_solved_by_a_linear_model(task):
