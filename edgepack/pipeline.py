@@ -94,7 +94,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     final = out_root / f"{name}-{profile.name}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
     try:
-        result = _build_into(tmp, cfg, profile, loaded, data, name, say)
+        result = _build_into(tmp, cfg, profile, loaded, data, name, say, _judged_on(device))
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,7 +108,8 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
 
 
 def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: LoadedModel,
-                data: dict[str, Dataset], name: str, say: Progress) -> BuildResult:
+                data: dict[str, Dataset], name: str, say: Progress,
+                judged_elsewhere: str | None = None) -> BuildResult:
     sections: dict[str, Any] = {}
     calib, evals = data["calib"], data["eval"]
     stages: dict[str, Any] = {}
@@ -166,7 +167,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
     fp32_ref = next(a for a in artifacts if a.format == primary.format and a.precision == "fp32")
     verdicts = judge(profile.budgets, profile.arch, primary.path, primary.metrics.size_mb,
                      primary.metrics.latency_ms, sections["peak_mb"][primary.path],
-                     _metric_drop(fp32_ref.metrics, primary.metrics))
+                     _metric_drop(fp32_ref.metrics, primary.metrics), judged_elsewhere=judged_elsewhere)
     manifest = Manifest(
         edgepack_version=__version__, name=name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -275,6 +276,14 @@ def _load_data(cfg: BuildConfig, loaded: LoadedModel, pre: Preprocess, raw_calib
     if cfg.train and cfg.prune:
         train = load_dataset(cfg.train, loaded.sample_shape, pre, "training data")
     return {"calib": calib, "eval": evals, "train": train, "eval_is_calib": not cfg.eval}
+
+
+def _judged_on(device) -> str | None:
+    if device is None:
+        return None
+    if device.emulated:
+        return f"{device.name} is emulated, so only a real device can judge speed and memory"
+    return f"judged on device {device.name} (see the device results)"
 
 
 def _resolve_device(cfg: BuildConfig, profile: TargetProfile):

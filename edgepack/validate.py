@@ -59,13 +59,14 @@ def latency_record(measured: dict) -> LatencyMs:
 
 def judge(budgets: Budgets, target_arch: str, artifact: str, size_mb: float,
           latency: LatencyMs | None, peak_mb: float | None, accuracy_drop: float | None,
-          emulated: bool = False) -> list[Verdict]:
+          emulated: bool = False, judged_elsewhere: str | None = None) -> list[Verdict]:
     """One verdict per budget. Speed and memory are judged only when measured on the target's
-    architecture (and not under emulation); size and accuracy are judged everywhere."""
+    architecture (and not under emulation); size and accuracy are judged everywhere.
+    `judged_elsewhere`: what the note says instead of "judge on the device with --device"."""
     on_target = latency is not None and latency.measured_on == target_arch and not emulated
     why_not = ("emulated device: latency not judged" if emulated else
                f"measured on {latency.measured_on if latency else '?'}, target is {target_arch}: "
-               "judge on the device with --device")
+               f"{judged_elsewhere or 'judge on the device with --device'}")
 
     def verdict(name, limit, value, judged=True):
         if limit is None:

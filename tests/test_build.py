@@ -141,8 +141,18 @@ def test_off_target_latency_is_not_judged(user_model, tmp_path):
     assert code == 0, err
     m = read_manifest(tmp_path / "mynet-rpi")
     lat = [v for v in m.verdicts if v.budget == "latency_p50_ms"][0]
-    assert lat.ok is None and "target is aarch64" in lat.note
+    assert lat.ok is None and "target is aarch64: judge on the device with --device" in lat.note
     assert m.primary == "model.int8.onnx"  # tflite not requested here
+
+
+def test_off_target_note_names_the_device_that_judges():
+    from edgepack.manifest import LatencyMs
+    from edgepack.targets import load_profile
+    from edgepack.validate import judge
+    lat = LatencyMs(p50=1.0, p90=1.2, p99=1.5, mean=1.1, runs=5, threads=4, measured_on="x86_64")
+    verdicts = judge(load_profile("rpi").budgets, "aarch64", "m.onnx", 1.0, lat, 10.0, 0.0,
+                     judged_elsewhere="judged on device pi4 (see the device results)")
+    assert "target is aarch64: judged on device pi4" in verdicts[0].note and verdicts[0].ok is None
 
 
 def test_onnx_with_fixed_batch(user_model, tmp_path):

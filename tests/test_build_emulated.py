@@ -40,3 +40,5 @@ def test_build_rpi_on_emulated_pi(tmp_path, monkeypatch):
         assert r["top1_agreement"] >= 0.99  # ARM int8 kernels may round differently, not decide differently
     report = (build / "report.md").read_text()
     assert "aarch64 (emulated on pi-emu) vs x86" in report and "emulated" in out
+    local_latency = next(v for v in m.verdicts if v.budget == "latency_p50_ms")
+    assert local_latency.ok is None and "pi-emu is emulated" in local_latency.note
