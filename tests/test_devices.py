@@ -54,6 +54,28 @@ def test_bad_inventory_entry_names_file_and_field(tmp_path, fields, expect):
     assert str(path) in str(e.value)
 
 
+def test_one_broken_device_file_breaks_only_that_device(tmp_path, build_dir, capsys):
+    from edgepack.cli import main
+    from edgepack.devices import bench_fleet
+
+    d = tmp_path / "devs"
+    local_device(d, name="good")
+    (d / "typo.toml").write_text('target = "x86"\ntransport = "local\n')  # unterminated string
+    with pytest.raises(EdgepackError, match="typo.toml is not valid TOML"):
+        load_inventory([d])  # the strict API still raises
+    assert get_device("good", [d]).name == "good"
+    with pytest.raises(EdgepackError, match=r"device file .*typo.toml is not valid TOML"):
+        get_device("typo", [d])
+    assert main(["devices", "list", "--devices-dir", str(d)]) == 0
+    captured = capsys.readouterr()
+    assert "good" in captured.out and "skipped" in captured.err and "typo.toml" in captured.err
+    # "all": the broken file is one failure; the good device is still benchmarked.
+    fleet = bench_fleet(build_dir, "all", dirs=[d], threads=1, runs=3, warmup=0)
+    by_name = {r["device"]: r for r in fleet["results"]}
+    assert by_name["good"]["ok"] and not by_name["typo"]["ok"] and "not valid TOML" in by_name["typo"]["error"]
+    assert fleet["failed"] == 1 and not fleet["passed"]
+
+
 # --- local deploy and bench ------------------------------------------------------------------
 
 def test_local_deploy_and_bench_end_to_end(tmp_path, build_dir):

@@ -26,11 +26,16 @@ def register(app: typer.Typer) -> None:
     def _list(devices_dir: list[Path], as_json: bool):
         from ..devices import load_inventory
         from ..devices.summary import devices_table
-        inv = load_inventory(devices_dir)
+        from rich.markup import escape
+        broken = []
+        inv = load_inventory(devices_dir, broken=broken)
         if as_json:
-            _json([d.model_dump() | {"source": d.source} for d in inv.values()])
+            _json([d.model_dump() | {"source": d.source} for d in inv.values()] +
+                  [{"name": b.name, "source": str(b.path), "error": str(b.error)} for b in broken])
         else:
             out.print(devices_table(inv))
+        for b in broken:  # listed, not fatal: the other devices stay usable
+            console.print(f"[yellow]warning:[/] skipped {escape(str(b.path))}: {escape(str(b.error))}", highlight=False)
 
     @devices.callback()
     def devices_root(ctx: typer.Context, devices_dir: list[Path] = DevicesDir,

@@ -8,19 +8,31 @@ from pathlib import Path
 from ..errors import EdgepackError
 from .bench import bench
 from .errors import DeviceUnreachable
-from .inventory import Device, load_inventory
+from .inventory import BrokenDeviceFile, Device, load_inventory
 
 
-def select_devices(devices: str | list[str | Device], dirs=None) -> list[Device]:
-    """"all", "a,b" or a list of names/Devices -> Devices (unknown names are an error)."""
-    inv = load_inventory(dirs)
-    if isinstance(devices, str):
-        names = list(inv) if devices.strip() == "all" else [d.strip() for d in devices.split(",") if d.strip()]
-        devices = names
+def select_devices(devices: str | list[str | Device], dirs=None,
+                   broken: list[BrokenDeviceFile] | None = None) -> list[Device]:
+    """"all", "a,b" or a list of names/Devices -> Devices. Unknown names and broken files of
+    named devices are an error; with "all", broken files go to `broken` (if given) instead."""
+    found: list[BrokenDeviceFile] = []
+    inv = load_inventory(dirs, broken=found)
+    everything = isinstance(devices, str) and devices.strip() == "all"
+    if everything:
+        devices = list(inv)
+        if broken is not None:
+            broken.extend(found)
+        elif found:
+            raise found[0].error
+    elif isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    bad = {b.name: b for b in found}
     out = []
     for d in devices:
         if isinstance(d, Device):
             out.append(d)
+        elif d in bad:
+            raise bad[d].error
         elif d in inv:
             out.append(inv[d])
         else:
@@ -28,6 +40,8 @@ def select_devices(devices: str | list[str | Device], dirs=None) -> list[Device]
                                 "add it under ~/.config/edgepack/devices or pass --devices-dir DIR")
     # The same device twice would race on its own deployment directory.
     out = list({d.name: d for d in out}.values())
+    if not out and found:
+        raise found[0].error
     if not out:
         raise EdgepackError("no devices selected", "pass --devices all or --devices a,b")
     return out
@@ -66,7 +80,8 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
     "wall_s": s}. A success is the `bench()` dict plus ok=True; a failure is {ok: False, device,
     error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried."""
-    selected = select_devices(devices, dirs)
+    broken: list[BrokenDeviceFile] = []
+    selected = select_devices(devices, dirs, broken)
     kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
                   accept_new_host_key=accept_new_host_key, progress=progress, profile=profile)
     # Local-transport devices (this machine, emulators on it) share its CPUs: benchmarked at the
@@ -84,6 +99,9 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     with ThreadPoolExecutor(max_workers=max_workers or len(lanes), thread_name_prefix="edgepack-dev") as pool:
         for f in [pool.submit(run_lane, lane) for lane in lanes]:
             f.result()
+    # "all" includes devices whose files are broken: each is a failure, the others still run.
+    results += [{"ok": False, "device": b.name, "where": str(b.path), "emulated": False, "error": str(b.error),
+                 "attempts": [str(b.error)], "seconds": 0.0} for b in broken]
     ok = sum(r["ok"] for r in results)
     return {"results": results, "ok": ok, "failed": len(results) - ok,
             "passed": ok == len(results) and all(r.get("passed", True) for r in results),

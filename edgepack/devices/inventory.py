@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -105,11 +106,21 @@ def load_device_file(path: Path, targets: dict[str, TargetProfile] | None = None
     return device
 
 
+@dataclass
+class BrokenDeviceFile:
+    """A device file that could not be loaded; it breaks only commands that use that device."""
+    name: str  # the file's stem: the device name it defines unless it says otherwise
+    path: Path
+    error: EdgepackError
+
+
 def load_inventory(dirs: list[Path | str] | None = None,
-                   targets_dirs: list[Path | str] | None = None) -> dict[str, Device]:
+                   targets_dirs: list[Path | str] | None = None,
+                   broken: list[BrokenDeviceFile] | None = None) -> dict[str, Device]:
     """All devices by name; earlier directories shadow later ones. Missing dirs are skipped,
     except a `--devices-dir` the user named explicitly. `targets_dirs`: extra profile directories
-    (as `--targets-dir`) in which device targets may be defined."""
+    (as `--targets-dir`) in which device targets may be defined. A bad device file raises, unless
+    a `broken` list is given: then it is recorded there and the other devices still load."""
     targets = list_profiles([Path(d) for d in (targets_dirs or [])])
     explicit = {Path(d).expanduser() for d in (dirs or [])}
     devices: dict[str, Device] = {}
@@ -119,18 +130,35 @@ def load_inventory(dirs: list[Path | str] | None = None,
                 raise EdgepackError(f"devices directory {d} does not exist")
             continue
         for f in sorted(d.glob("*.toml")):
-            dev = load_device_file(f, targets)
+            try:
+                dev = load_device_file(f, targets)
+            except EdgepackError as e:
+                if broken is None:
+                    raise
+                broken.append(BrokenDeviceFile(f.stem, f, e))
+                continue
             dev.targets_dirs = [str(d) for d in (targets_dirs or [])]
             devices.setdefault(dev.name, dev)
     return devices
 
 
+def broken_note(broken: list[BrokenDeviceFile]) -> str:
+    return "; ".join(f"{b.path} could not be loaded" for b in broken)
+
+
 def get_device(name: str, dirs: list[Path | str] | None = None,
                targets_dirs: list[Path | str] | None = None) -> Device:
-    inv = load_inventory(dirs, targets_dirs)
-    if name not in inv:
-        known = ", ".join(sorted(inv)) or "(none)"
-        raise EdgepackError(f"unknown device {name!r}; known devices: {known}",
-                            "add a NAME.toml to ~/.config/edgepack/devices (see devices/ssh-example.toml.example)"
-                            " or pass --devices-dir DIR")
-    return inv[name]
+    """The named device. Other devices' broken files do not matter; the named one's error is
+    raised as it is."""
+    broken: list[BrokenDeviceFile] = []
+    inv = load_inventory(dirs, targets_dirs, broken)
+    for b in broken:  # before `inv`: a broken file must not silently fall back to a shadowed one
+        if b.name == name:
+            raise b.error
+    if name in inv:
+        return inv[name]
+    known = ", ".join(sorted(inv)) or "(none)"
+    also = f" ({broken_note(broken)})" if broken else ""
+    raise EdgepackError(f"unknown device {name!r}; known devices: {known}{also}",
+                        "add a NAME.toml to ~/.config/edgepack/devices (see devices/ssh-example.toml.example)"
+                        " or pass --devices-dir DIR")
