@@ -5,10 +5,8 @@ writes the build directory (temporary path, then rename: a failed build never re
 """
 from __future__ import annotations
 
-import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +25,7 @@ from .export import check_parity, to_onnx, torch_predict
 from .load import LoadedModel, load_model
 from .manifest import (MANIFEST, Artifact, ArtifactMetrics, Manifest, TensorSpec, sha256_file,
                        write_json_atomic)
+from .outdir import replace_dir, staging_dir, writable_dir
 from .quantize import check_calibration_data, node_sensitivity, preprocess, quantize_onnx
 from .report import write_report
 from .targets import TargetProfile, load_profile
@@ -71,7 +70,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     say = progress or (lambda msg: None)
     profile = resolve_profile(cfg)
     device = _resolve_device(cfg, profile) if cfg.device else None  # fail before a long build
-    out_root = _writable_dir(Path(cfg.out))
+    out_root = writable_dir(Path(cfg.out))
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": example.MODEL_SPEC, "weights": str(example.WEIGHTS),
                                      "calib": cfg.calib or example.CALIB_SPEC,
@@ -92,13 +91,9 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     data = _load_data(cfg, loaded, pre, raw_calib)
     name = cfg.name or loaded.name.replace("_", "-")
     final = out_root / f"{name}-{profile.name}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
-    try:
+    with staging_dir(final) as tmp:
         result = _build_into(tmp, cfg, profile, loaded, data, name, say, _judged_on(device))
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, final)
     result.path = final
     say(f"wrote {final}")
     if cfg.device:
@@ -295,35 +290,6 @@ def _resolve_device(cfg: BuildConfig, profile: TargetProfile):
                             f"{profile.name!r} ({profile.arch})",
                             f"build with --target {device.target}, or pick a device of the {profile.name} kind")
     return device
-
-
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".edgepack-probe-")
-        probe.close()
-    except OSError as e:
-        raise EdgepackError(f"output directory {path} is not writable: {e.strerror}",
-                            "pass --out DIR somewhere you can write") from e
-    return path
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Swap the finished directory into place; the old one is removed only after the swap, and
-    put back if the swap fails (say, a concurrent build of the same name got there first)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    try:
-        new.rename(final)
-    except OSError as e:
-        if old is not None and not final.exists():
-            old.rename(final)
-        raise EdgepackError(f"could not move the new build into {final}: {e.strerror}",
-                            "another build of the same name may be running; the previous build is kept") from e
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.emulate import (KINDS, WHEELS, cache_base, compare_on_emulator, env_root, find_emulator,
+from edgepack.emulate import (WHEELS, cache_base, compare_on_emulator, env_root, find_emulator,
                               prepare_emulator, register_emulated_device, remove_emulator,
                               run_emulated)
 from edgepack.errors import EdgepackError
