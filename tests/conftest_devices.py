@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,6 +108,13 @@ def _toml(v) -> str:
     if isinstance(v, (int, float)):
         return str(v)
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def age_tree(path: Path, seconds: float) -> None:
+    """Make every entry under `path` look untouched for `seconds`."""
+    then = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (then, then), follow_symlinks=False)
 
 
 def local_device(dirpath: Path, name: str = "loc", python: str = VENV_PYTHON, **extra):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # sshd.py / conftest_devices.py live next to us
-from conftest_devices import (VENV_PYTHON, build_dir, isolated_inventory, local_device, make_build,  # noqa: E402,F401
+from conftest_devices import (VENV_PYTHON, age_tree, build_dir, isolated_inventory, local_device, make_build,  # noqa: E402,F401
                               replace_model_with_big_matmul, write_device)
 
 from edgepack.devices import DeviceError, bench, deploy, get_device, load_inventory, raise_if_failed  # noqa: E402
@@ -146,9 +146,29 @@ def test_interrupted_deploy_keeps_previous_deployment(tmp_path, build_dir):
     # The previous deployment still benchmarks (the agent checks it against its own manifest).
     r = bench(build_dir, dev, runs=3, warmup=0, redeploy=False)
     assert r["sha256"] == old_sha
+    # A fresh partial may be a concurrent deploy still uploading: kept. Untouched for 10 min: removed.
+    leftover = [p for p in releases.iterdir() if p.name.endswith(".partial")]
     done = deploy(build_dir, dev)
     assert sha256_file(Path(done["path"]) / "model.fp32.onnx") == sha256_file(build_dir / "model.fp32.onnx")
+    assert all(p.exists() for p in leftover)
+    age_tree(leftover[0], 11 * 60)
+    deploy(build_dir, dev)
     assert [p.name for p in releases.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_concurrent_deploy_of_the_same_build_is_not_disturbed(tmp_path, build_dir):
+    """A second deploy's clean-up must not delete the staging directory of one still uploading."""
+    from edgepack.devices import device_ops
+    dev = local_device(tmp_path / "devices")
+    deploy(build_dir, dev)
+    make_build(build_dir, channels=16)
+    root = deploy(build_dir, dev)["workdir"]
+    spec = {"model.fp32.onnx": sha256_file(build_dir / "model.fp32.onnx")}
+    uploading = device_ops.prepare({"root": root, "name": "tiny", "files": spec})
+    other = deploy(build_dir, dev)  # runs prepare + commit while the first is mid-upload
+    assert Path(uploading["staging"]).is_dir() and Path(other["path"]).is_dir()
+    (Path(uploading["staging"]) / "model.fp32.onnx").write_bytes((build_dir / "model.fp32.onnx").read_bytes())
+    assert device_ops.commit({"root": root, "name": "tiny", "staging": uploading["staging"], "files": spec})["ok"]
 
 
 def test_tampered_artifact_is_refused_by_agent(tmp_path, build_dir):

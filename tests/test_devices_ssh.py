@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd as sshd_mod  # noqa: E402
-from conftest_devices import (build_dir, client_key, isolated_inventory, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
+from conftest_devices import (age_tree, build_dir, client_key, isolated_inventory, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
                               replace_model_with_big_matmul)
 
 from edgepack.devices import DeviceError, DeviceUnreachable, bench, bench_fleet, check_device, deploy  # noqa: E402
@@ -244,7 +244,10 @@ def test_connection_lost_mid_upload_keeps_previous_deployment(build_dir, ssh_dev
         deploy(build_dir, dev)
     killer.join()
     assert (Path(first["path"]) / "model.fp32.onnx").read_bytes() == old
-    # The device comes back: the leftover is cleaned and the new build goes in whole.
+    # The device comes back: the new build goes in whole, and the leftover (untouched for more
+    # than 10 minutes, so not a concurrent upload) is cleaned.
+    for leftover in staging_root.glob("*.partial"):
+        age_tree(leftover, 11 * 60)
     revived = sshd_mod.Sshd(server.root, Path(f"{client_key}.pub"), port=server.port).start()  # same host key
     try:
         done = deploy(build_dir, dev)

@@ -7,7 +7,8 @@ library: the device may have nothing else installed (that is what `probe` finds 
 Deployment layout under the device's workdir:
     <workdir>/<name>                             symlink -> .releases/<name>/<stamp> (swapped atomically)
     <workdir>/.releases/<name>/<stamp>/          one complete, verified deployment
-    <workdir>/.releases/<name>/<stamp>.partial/  an upload in progress (or an interrupted one)
+    <workdir>/.releases/<name>/<stamp>.partial/  an upload in progress (or an interrupted one,
+                                                 removed by a later deploy once 10 min untouched)
 """
 import hashlib
 import json
@@ -56,6 +57,20 @@ def probe(args):
     }
 
 
+STALE_PARTIAL_S = 600
+
+
+def _last_change(path):
+    newest = 0.0
+    for top, _, names in os.walk(path):
+        for p in [top] + [os.path.join(top, n) for n in names]:
+            try:
+                newest = max(newest, os.lstat(p).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
 def _current_release(root, name):
     link = os.path.join(root, name)
     return os.path.realpath(link) if os.path.isdir(link) else None
@@ -66,10 +81,12 @@ def prepare(args):
     root, name, files = args["root"], args["name"], args["files"]
     releases = os.path.join(root, ".releases", name)
     os.makedirs(releases, exist_ok=True)
-    # Leftovers of interrupted deploys of this build are useless now: remove them.
+    # Leftovers of interrupted deploys of this build are useless: remove them. A partial that
+    # changed recently may be a concurrent deploy still uploading (every write touches it).
     for entry in os.listdir(releases):
-        if entry.endswith(".partial"):
-            shutil.rmtree(os.path.join(releases, entry), ignore_errors=True)
+        full = os.path.join(releases, entry)
+        if entry.endswith(".partial") and time.time() - _last_change(full) > STALE_PARTIAL_S:
+            shutil.rmtree(full, ignore_errors=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-%d" % os.getpid()
     staging = os.path.join(releases, stamp + ".partial")
     os.makedirs(staging)
