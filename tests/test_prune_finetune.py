@@ -73,6 +73,15 @@ def test_finetune_is_deterministic(teacher):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_threads_apply_while_fine_tuning_only(teacher):
+    seen = []
+    pruned, _ = prune_model(teacher, X, PruneConfig(ratio=0.5))
+    before = torch.get_num_threads()
+    finetune(pruned, teacher, blobs(128, 1), blobs(64, 2), FinetuneConfig(epochs=1, threads=2),
+             progress=lambda e: seen.append(torch.get_num_threads()))
+    assert seen == [2] and torch.get_num_threads() == before
+
+
 def test_missing_data_is_a_warning_not_an_error(teacher):
     pruned, _ = prune_model(teacher, X, PruneConfig(ratio=0.5))
     before = {k: v.clone() for k, v in pruned.state_dict().items()}

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune on labels only"),
         temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
         alpha: float = typer.Option(0.7, "--alpha", help="weight of the distillation loss (1 - alpha: labels)"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for fine-tuning [torch's default]"),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full model file"),
         out_path: Path = typer.Option(Path("pruned.safetensors"), "--out", "-o", help="pruned model file (safetensors)"),
         record_path: Optional[Path] = typer.Option(None, "--record", help="also write the pruning record as JSON"),
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
                           iterative_steps=steps, finetune=dict(
                               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
                               max_minutes=max_minutes, distill=not no_distill, temperature=temperature,
-                              alpha=alpha))
+                              alpha=alpha, threads=threads))
         if not cfg.enabled:
             raise EdgepackError("nothing to prune towards", "pass --ratio R, --macs-target F or --to-latency --target T")
         if to_latency and target is None:

@@ -22,6 +22,7 @@ class FinetuneConfig(BaseModel):
     distill: bool = True
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation loss; 1-alpha goes to CE")
+    threads: int | None = Field(None, ge=1, description="torch threads while fine-tuning; default: torch's choice")
 
 
 class PruneConfig(BaseModel):

@@ -61,6 +61,17 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
         summary["warnings"].append(f"fine-tuning skipped: {reason}; the model is pruned only")
         return summary
 
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadline, distill: bool,
+           summary: dict) -> dict:
     start = time.monotonic()
     if cfg.max_minutes is not None:
         deadline = min(deadline or math.inf, start + 60 * cfg.max_minutes)
