@@ -19,11 +19,23 @@ from edgepack.data import Dataset
 from edgepack.errors import EdgepackError, MissingExtra
 from edgepack.manifest import sha256_file
 from edgepack.runtime import open_model
-from edgepack.tflite import (INSTALL_HINT, convert_fp32, convert_int8, evaluate_int8,
-                             inspect_tflite, latency, parity_vs_torch, require_litert_torch,
-                             require_torch_model)
+from edgepack.export import compare_outputs, torch_predict
+from edgepack.runtime import measure_file
+from edgepack.tflite import (INSTALL_HINT, convert_fp32, convert_int8, inspect_tflite, require_litert_torch,
+                             require_torch_model, run_tflite)
 
 pytestmark = pytest.mark.tflite
+
+
+def parity_vs_torch(model, path, data, layout="NCHW", n=200) -> dict:
+    x = data.take(n).x
+    return compare_outputs(torch_predict(model, x), run_tflite(path, x, layout))
+
+
+def int8_vs_fp32(int8_path, fp32_path, data, layout="NCHW") -> dict:
+    q, f = run_tflite(int8_path, data.x, layout), run_tflite(fp32_path, data.x, layout)
+    return {**compare_outputs(f, q), "accuracy": 100 * np.mean(q.argmax(1) == data.y),
+            "accuracy_fp32": 100 * np.mean(f.argmax(1) == data.y)}
 pytest.importorskip("litert_torch", reason="needs the tflite extra: pip install 'edgepack[tflite]'")
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
@@ -112,10 +124,10 @@ def test_int8_is_full_integer_and_agrees_with_fp32(digits, fp32, int8):
     assert int8["notes"] == []
     assert int8["size_bytes"] < 0.6 * fp32["size_bytes"]
 
-    r = evaluate_int8(int8["path"], fp32["path"], evald)
+    r = int8_vs_fp32(int8["path"], fp32["path"], evald)
     assert r["samples"] == len(evald) == 497
     assert r["accuracy_fp32"] > 90, r  # the task was learnt, so agreement means something
-    assert r["agreement"] >= 97, r
+    assert r["top1_agreement"] >= 97, r
     assert r["accuracy"] >= r["accuracy_fp32"] - 2, r
     with torch.no_grad():
         torch_acc = 100 * np.mean(model(torch.from_numpy(evald.x)).argmax(1).numpy() == evald.y)
@@ -124,9 +136,9 @@ def test_int8_is_full_integer_and_agrees_with_fp32(digits, fp32, int8):
 
 @pytest.mark.slow
 def test_int8_runs_with_profile_threads(int8):
-    one, two = latency(int8["path"], threads=1, runs=20), latency(int8["path"], threads=2, runs=20)
+    one, two = measure_file(int8["path"], threads=1, runs=20), measure_file(int8["path"], threads=2, runs=20)
     assert one["threads"] == 1 and two["threads"] == 2
-    assert one["backend"].startswith("ai-edge-litert") and 0 < one["p50"] < 50
+    assert one["backend"].startswith("ai-edge-litert") and 0 < one["latency_ms"]["p50"] < 50
 
 
 def test_inspect_counts_quantize_dequantize_and_float_ops(digits, tmp_path):
@@ -173,8 +185,8 @@ def test_nhwc_layout_fp32_and_int8(digits, tmp_path):
                         num_calib=64, isolate=False)
     assert rec8["inputs"][0]["shape"] == [1, 8, 8, 1] and rec8["inputs"][0]["dtype"] == "int8"
     assert rec8["float_ops"] == []
-    r = evaluate_int8(tmp_path / "nhwc8.tflite", tmp_path / "nhwc.tflite", evald, layout="NHWC")
-    assert r["agreement"] >= 97 and r["accuracy"] > 90, r
+    r = int8_vs_fp32(tmp_path / "nhwc8.tflite", tmp_path / "nhwc.tflite", evald, layout="NHWC")
+    assert r["top1_agreement"] >= 97 and r["accuracy"] > 90, r
 
 
 def test_missing_extra_names_install_command(digits, tmp_path, monkeypatch):

@@ -7,8 +7,7 @@ request fails early with `require_litert_torch()`.
 from .convert import (INSTALL_HINT, INT8_SCHEME, convert_fp32, convert_int8,
                       require_litert_torch, require_torch_model)
 from .inspect import inspect_tflite
-from .validate import evaluate_int8, latency, parity_vs_torch, run_tflite
+from .validate import run_tflite
 
-__all__ = ["INSTALL_HINT", "INT8_SCHEME", "convert_fp32", "convert_int8", "evaluate_int8",
-           "inspect_tflite", "latency", "parity_vs_torch", "require_litert_torch",
-           "require_torch_model", "run_tflite"]
+__all__ = ["INSTALL_HINT", "INT8_SCHEME", "convert_fp32", "convert_int8", "inspect_tflite",
+           "require_litert_torch", "require_torch_model", "run_tflite"]
