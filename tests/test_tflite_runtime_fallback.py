@@ -16,6 +16,7 @@ and built once in about 15 s. If PyPI cannot be reached to build it, the test is
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import shutil
 import subprocess
@@ -37,7 +38,6 @@ pytest.importorskip("litert_torch", reason="needs the tflite extra: pip install 
 
 REQUIREMENTS = ["numpy<2", "tflite-runtime==2.14.0"]
 ENV_ROOT = Path(os.environ.get("EDGEPACK_TEST_ENVS", Path.home() / ".cache/edgepack/test-envs"))
-ENV = ENV_ROOT / "tflite-runtime-2.14.0-numpy1-py311"
 
 PROBE = r"""
 import json, sys
@@ -78,8 +78,17 @@ def _pypi_reachable() -> bool:
         return False
 
 
+def _env_dir() -> Path:
+    """Keyed by the base interpreter too: a venv made from another (or a since-removed) Python
+    must not be reused."""
+    base = os.path.realpath(_python311())
+    key = hashlib.sha1("\n".join([base, *REQUIREMENTS]).encode()).hexdigest()[:10]
+    return ENV_ROOT / f"tflite-runtime-2.14.0-numpy1-py311-{key}"
+
+
 def _fallback_env() -> Path:
     """The cached venv's python; built into a temporary directory and renamed when complete."""
+    ENV = _env_dir()
     python = ENV / "bin" / "python"
     if (ENV / ".complete").exists():
         return python
