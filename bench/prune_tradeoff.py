@@ -256,16 +256,18 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    table = sorted(table, key=lambda r: r["ratio"])  # lines run from the unpruned model outwards
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for prec, marker in (("fp32", "o"), ("int8", "s")):
-        lat = [r[f"latency_{prec}"]["p50_ms"] for r in table]
-        acc = [100 * (r["test_acc_distill"] if prec == "fp32" else r["test_acc_int8_distill"]) for r in table]
-        ax.plot(lat, acc, marker=marker, label=f"{prec}, distillation fine-tuning")
-        for r, xl, yl in zip(table, lat, acc):
-            ax.annotate(f"r={r['ratio']:.2f}", (xl, yl), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    lat = [r["latency_fp32"]["p50_ms"] for r in table[1:]]
-    ax.plot(lat, [100 * r["test_acc_plain"] for r in table[1:]], "x--", label="fp32, plain fine-tuning")
+    curves = (("fp32", "test_acc_distill", "o-", "fp32, distillation fine-tuning (mean over seeds)"),
+              ("fp32", "test_acc_plain", "x--", "fp32, plain fine-tuning (mean over seeds)"),
+              ("int8", "test_acc_int8_distill", "s-", "int8 of the seed-0 distilled model"))
+    for prec, key, style, label in curves:
+        rows = sorted(table, key=lambda r: r[f"latency_{prec}"]["p50_ms"])
+        lat = [r[f"latency_{prec}"]["p50_ms"] for r in rows]
+        acc = [100 * r[key] for r in rows]
+        ax.plot(lat, acc, style, label=label)
+        if key != "test_acc_plain":
+            for r, xl, yl in zip(rows, lat, acc):
+                ax.annotate(f"r={r['ratio']:.2f}", (xl, yl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("ONNX Runtime latency p50, 1 thread (ms, log)")
     ax.set_ylabel("test top-1 (%)")
