@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/edgepack build --target x86
 
 test: setup-test
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=12
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
