@@ -73,6 +73,25 @@ def test_finetune_is_deterministic(teacher):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_cached_teacher_logits_train_like_per_batch_teacher(teacher, monkeypatch):
+    """The teacher's logits are computed once per fine-tuning run; past the memory cap (dense
+    outputs) it runs per batch instead. Both must train the same student."""
+    import importlib
+    ft_mod = importlib.import_module("edgepack.prune.finetune")
+    results, calls = [], []
+    for limit in (ft_mod.CACHE_LIMIT_BYTES, 0):
+        monkeypatch.setattr(ft_mod, "CACHE_LIMIT_BYTES", limit)
+        pruned, _ = prune_model(teacher, X, PruneConfig(ratio=0.5))
+        hook = teacher.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+        finetune(pruned, teacher, blobs(256, 1), None, FinetuneConfig(epochs=2, seed=3))
+        hook.remove()
+        results.append((pruned.state_dict(), sum(calls)))
+        calls.clear()
+    (cached, seen_cached), (per_batch, seen_per_batch) = results
+    assert seen_cached == 256 and seen_per_batch == 64 + 2 * 256  # probe batch, then every step
+    assert all(torch.allclose(cached[k].float(), per_batch[k].float(), atol=1e-5) for k in cached)
+
+
 def test_threads_apply_while_fine_tuning_only(teacher):
     seen = []
     pruned, _ = prune_model(teacher, X, PruneConfig(ratio=0.5))
