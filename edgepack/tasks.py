@@ -8,7 +8,8 @@ gradient and heavy Gaussian noise, so that small CNNs trained for a few CPU minu
 
 Measured with `train_baseline` on one core of the shared 2-core machine (test top-1):
 ResNet-18 half width 84.9% (6 epochs, 13 min), quarter width 84.0% (6 epochs, ~5 min);
-MobileNetV2 width 0.35 80.6% (10 epochs, 4.5 min). Use torch.set_num_threads(1) on a loaded
+MobileNetV2 width 0.35 82.0% (10 epochs with train_copies=3, ~5 min; 80.6% after 14 epochs
+with the default 2 copies). Use torch.set_num_threads(1) on a loaded
 machine: two threads ran 6x slower there.
 """
 from __future__ import annotations
