@@ -28,12 +28,15 @@ class Dataset:
         return self.y is not None
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        for j in self.batch_indices(batch_size, shuffle, seed):
+            yield self.x[j], (None if self.y is None else self.y[j])
+
+    def batch_indices(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
         idx = np.arange(len(self.x))
         if shuffle:
             np.random.default_rng(seed).shuffle(idx)
         for i in range(0, len(idx), batch_size):
-            j = idx[i:i + batch_size]
-            yield self.x[j], (None if self.y is None else self.y[j])
+            yield idx[i:i + batch_size]
 
     def take(self, n: int) -> "Dataset":
         return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.source, self.classes)

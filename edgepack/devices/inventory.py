@@ -142,10 +142,6 @@ def load_inventory(dirs: list[Path | str] | None = None,
     return devices
 
 
-def broken_note(broken: list[BrokenDeviceFile]) -> str:
-    return "; ".join(f"{b.path} could not be loaded" for b in broken)
-
-
 def get_device(name: str, dirs: list[Path | str] | None = None,
                targets_dirs: list[Path | str] | None = None) -> Device:
     """The named device. Other devices' broken files do not matter; the named one's error is
@@ -158,7 +154,7 @@ def get_device(name: str, dirs: list[Path | str] | None = None,
     if name in inv:
         return inv[name]
     known = ", ".join(sorted(inv)) or "(none)"
-    also = f" ({broken_note(broken)})" if broken else ""
+    also = "".join(f"; {b.path} could not be loaded" for b in broken)
     raise EdgepackError(f"unknown device {name!r}; known devices: {known}{also}",
                         "add a NAME.toml to ~/.config/edgepack/devices (see devices/ssh-example.toml.example)"
                         " or pass --devices-dir DIR")
