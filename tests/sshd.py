@@ -32,16 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
+def _proc_files(name: str):
+    """(pid, bytes of /proc/PID/NAME) for every process that is still there to read."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
+                yield int(entry), Path(f"/proc/{entry}/{name}").read_bytes()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, stat in _proc_files("stat"):
+        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(child)
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -117,14 +122,8 @@ LogLevel ERROR
 
 def agent_running(workdir: str) -> bool:
     """Is an edgepack agent deployed under `workdir` running right now? (to kill a device mid-run)"""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            args = cmd.split(b"\0")
-            # The agent itself (not a deploy step whose arguments merely mention agent.py).
-            if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in args):
-                return True
+    for _, cmd in _proc_files("cmdline"):
+        # The agent itself (not a deploy step whose arguments merely mention agent.py).
+        if any(a.endswith(b"/agent.py") and a.startswith(workdir.encode()) for a in cmd.split(b"\0")):
+            return True
     return False
