@@ -22,8 +22,8 @@ from common import interleaved, machine, save  # noqa: E402
 
 from edgepack import zoo  # noqa: E402
 from edgepack.data import Dataset  # noqa: E402
-from edgepack.export import to_onnx  # noqa: E402
-from edgepack.quantize import DatasetReader, quantize_onnx  # noqa: E402
+from edgepack.onnx_tools.export import to_onnx  # noqa: E402
+from edgepack.onnx_tools.quantize import DatasetReader, quantize_onnx  # noqa: E402
 from edgepack.runtime import OnnxRunner  # noqa: E402
 from edgepack.targets import load_profile  # noqa: E402
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgepack.export import to_onnx
+from edgepack.onnx_tools.export import to_onnx
 from edgepack.prune import FinetuneConfig, PruneConfig, count_macs_params, evaluate, finetune, prune_model
-from edgepack.quantize import quantize_onnx
+from edgepack.onnx_tools.quantize import quantize_onnx
 from edgepack.runtime import open_model, time_runs
 from edgepack.targets import load_profile
 from edgepack.tasks import noisy_digits, train_baseline

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from edgepack import zoo  # noqa: E402
 from edgepack.data import Dataset  # noqa: E402
-from edgepack.export import to_onnx  # noqa: E402
-from edgepack.quantize import quantize_onnx  # noqa: E402
+from edgepack.onnx_tools.export import to_onnx  # noqa: E402
+from edgepack.onnx_tools.quantize import quantize_onnx  # noqa: E402
 from edgepack.runtime import available_runtimes, open_model, time_runs  # noqa: E402
 from edgepack.targets import Quantization  # noqa: E402
 from edgepack.tflite import convert_fp32, convert_int8  # noqa: E402

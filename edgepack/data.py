@@ -137,7 +137,7 @@ def _load_numpy(path: Path) -> Dataset:
 
 
 def _load_callable(spec: str) -> Dataset:
-    from .load import import_attr
+    from .userimport import import_attr
     fn = import_attr(spec, "data function")
     try:
         result = fn()

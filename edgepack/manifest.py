@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from .errors import EdgepackError
+from .hashing import sha256_file  # noqa: F401  (re-exported for callers)
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -96,14 +97,6 @@ class Manifest(BaseModel):
             if a.path == path:
                 return a
         raise KeyError(path)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(build_dir: Path) -> Manifest:

@@ -21,15 +21,15 @@ from . import __version__, example
 from .config import BuildConfig
 from .data import Dataset, Preprocess, load_dataset
 from .errors import EdgepackError
-from .export import check_parity, to_onnx, torch_predict
-from .load import LoadedModel, load_model
+from .onnx_tools.export import check_parity, to_onnx, torch_predict
+from .stages.load import LoadedModel, load_model
 from .manifest import (MANIFEST, Artifact, ArtifactMetrics, Manifest, TensorSpec, sha256_file,
                        write_json_atomic)
 from .outdir import replace_dir, staging_dir, writable_dir
-from .quantize import check_calibration_data, node_sensitivity, preprocess, quantize_onnx
+from .onnx_tools.quantize import check_calibration_data, node_sensitivity, preprocess, quantize_onnx
 from .report import write_report
 from .targets import TargetProfile, load_profile
-from .validate import (judge, latency_record, measure_in_subprocess, predict, quality)
+from .stages.validate import (judge, latency_record, measure_in_subprocess, predict, quality)
 from . import runtime
 
 Progress = Callable[[str], None]
@@ -97,7 +97,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     result.path = final
     say(f"wrote {final}")
     if cfg.device:
-        from .deploy_step import deploy_and_bench
+        from .stages.deploy import deploy_and_bench
         deploy_and_bench(result, device, cfg, data["eval"], say)
     return result
 
@@ -109,7 +109,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
     calib, evals = data["calib"], data["eval"]
     stages: dict[str, Any] = {}
     if loaded.kind == "torch" and cfg.prune:
-        from .prune_step import prune
+        from .stages.prune import prune
         loaded, stages["prune"], sections["prune"] = prune(loaded, cfg, profile, data, say)
 
     fp32 = tmp / "model.fp32.onnx"
@@ -146,7 +146,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, profile: TargetProfile, loaded: Loa
     artifacts = [_artifact(tmp, fp32, "onnx", "fp32", quality(fp32_out, evals, None)),
                  _artifact(tmp, int8, "onnx", "int8", quality(int8_out, evals, fp32_out))]
     if "tflite" in profile.formats:
-        from .tflite_step import build_tflite
+        from .stages.tflite import build_tflite
         tfl_artifacts, stages["tflite"], sections["tflite"] = build_tflite(
             tmp, loaded, profile, calib, evals, ref if loaded.kind == "torch" else None, say)
         artifacts += tfl_artifacts

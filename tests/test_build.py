@@ -93,7 +93,7 @@ def test_python_api_matches_cli(user_model, tmp_path):
 
 def test_onnx_input_skips_torch_stages(user_model, tmp_path):
     import torch
-    from edgepack.export import to_onnx
+    from edgepack.onnx_tools.export import to_onnx
     onnx_path = to_onnx(user_model["module"], (torch.zeros(1, 3, 16, 16),), tmp_path / "mynet.onnx")
     code, _, err = run_cli("build", "--model", str(onnx_path), "--calib", user_model["calib"],
                            "--eval", user_model["eval"], "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5")
@@ -148,7 +148,7 @@ def test_off_target_latency_is_not_judged(user_model, tmp_path):
 def test_off_target_note_names_the_device_that_judges():
     from edgepack.manifest import LatencyMs
     from edgepack.targets import load_profile
-    from edgepack.validate import judge
+    from edgepack.stages.validate import judge
     lat = LatencyMs(p50=1.0, p90=1.2, p99=1.5, mean=1.1, runs=5, threads=4, measured_on="x86_64")
     verdicts = judge(load_profile("rpi").budgets, "aarch64", "m.onnx", 1.0, lat, 10.0, 0.0,
                      judged_elsewhere="judged on device pi4 (see the device results)")

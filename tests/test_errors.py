@@ -118,6 +118,6 @@ def test_debug_shows_traceback(user_model, tmp_path):
 
 
 def test_pickled_module_loads_only_with_trust(bad_inputs):
-    from edgepack.load import load_model
+    from edgepack.stages.load import load_model
     loaded = load_model(str(bad_inputs / "whole.pt"), trust_pickle=True)
     assert loaded.input_shape == (1, 1, 32, 32) and loaded.module is not None

@@ -6,7 +6,7 @@ import json
 import torch
 
 from conftest import run_cli
-from edgepack.load import import_attr
+from edgepack.stages.load import import_attr
 from edgepack.prune import load_pruned
 
 

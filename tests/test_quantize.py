@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgepack.errors import EdgepackError
-from edgepack.export import check_parity, to_onnx
+from edgepack.onnx_tools.export import check_parity, to_onnx
 from edgepack.runtime import open_model
 
 

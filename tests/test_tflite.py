@@ -19,7 +19,7 @@ from edgepack.data import Dataset
 from edgepack.errors import EdgepackError, MissingExtra
 from edgepack.manifest import sha256_file
 from edgepack.runtime import open_model
-from edgepack.export import compare_outputs, torch_predict
+from edgepack.onnx_tools.export import compare_outputs, torch_predict
 from edgepack.runtime import measure_file
 from edgepack.tflite import (INSTALL_HINT, convert_fp32, convert_int8, inspect_tflite, require_litert_torch,
                              require_torch_model, run_tflite)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edgepack.data import Dataset
-from edgepack.export import to_onnx
+from edgepack.onnx_tools.export import to_onnx
 from edgepack.prune import PruneConfig, count_macs_params, prune_model
-from edgepack.quantize import quantize_onnx
+from edgepack.onnx_tools.quantize import quantize_onnx
 from edgepack.runtime import open_model
 from edgepack.targets import load_profile
 from edgepack.zoo import ZOO

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     ):
         from ..config import load_config
-        from ..load import parse_shape
+        from ..stages.load import parse_shape
         from ..pipeline import build as run_build
         # Only flags actually given: load_config merges these tables over the config file's.
         prune_cfg = {k: v for k, v in {

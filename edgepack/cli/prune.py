@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ):
         from ..data import load_dataset
-        from ..load import load_model
+        from ..stages.load import load_model
         from ..prune import make_config, run_prune_stage, save_pruned
         from ..targets import load_profile
         cfg = make_config(ratio=ratio, macs_target=macs_target, to_latency=to_latency, importance=importance,

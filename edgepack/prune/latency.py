@@ -22,13 +22,13 @@ def measure_latency(model: nn.Module, example_inputs, threads: int = 1, calib=No
                     warmup: int = 5, runs: int = 30) -> dict:
     """ONNX Runtime latency statistics (ms) of `model`: fp32, or int8 when `calib` (a Dataset)
     and `quantization` (targets.Quantization) are given."""
-    from ..export import to_onnx
+    from ..onnx_tools.export import to_onnx
     from ..runtime import open_model, time_runs
     example_inputs = _tuple(example_inputs)
     with tempfile.TemporaryDirectory(prefix="edgepack-lat-") as tmp:
         path = to_onnx(model.eval(), example_inputs, Path(tmp) / "fp32.onnx")
         if calib is not None and quantization is not None:
-            from ..quantize import quantize_onnx
+            from ..onnx_tools.quantize import quantize_onnx
             q = quantization.model_copy(update={"calibration_samples": LATENCY_CALIBRATION_SAMPLES,
                                                 "calibration_method": "MinMax"})
             path = Path(tmp) / "int8.onnx"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runtime
-from .data import Dataset
-from .errors import EdgepackError
-from .export import compare_outputs
-from .manifest import LatencyMs, Verdict
-from .targets import Budgets
+from .. import runtime
+from ..data import Dataset
+from ..errors import EdgepackError
+from ..onnx_tools.export import compare_outputs
+from ..manifest import LatencyMs, Verdict
+from ..targets import Budgets
 
 
 def predict(runner: runtime.Runner, data: Dataset, batch_size: int = 64) -> np.ndarray:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import BuildConfig
-from .errors import EdgepackError
+from ..config import BuildConfig
+from ..errors import EdgepackError
 from .load import LoadedModel
-from .targets import TargetProfile
+from ..targets import TargetProfile
 
 # Build-level shorthands (CLI flags and [prune] keys) that belong to the fine-tuning schedule.
 _FINETUNE_KEYS = {"epochs": "epochs", "distill": "distill", "lr": "lr", "temperature": "temperature",
@@ -14,7 +14,7 @@ _FINETUNE_KEYS = {"epochs": "epochs", "distill": "distill", "lr": "lr", "tempera
 
 
 def prune_config(options: dict):
-    from .prune import make_config
+    from ..prune import make_config
     opts = dict(options)
     opts.pop("allow_unpruned", None)
     finetune = dict(opts.pop("finetune", {}) or {})
@@ -26,7 +26,7 @@ def prune_config(options: dict):
 
 def prune(loaded: LoadedModel, cfg: BuildConfig, profile: TargetProfile, data: dict, say):
     """Returns (loaded model with the pruned module, stage record, report section)."""
-    from .prune import UnprunableModel, run_prune_stage
+    from ..prune import UnprunableModel, run_prune_stage
     pcfg = prune_config(cfg.prune)
     if not pcfg.enabled:
         raise EdgepackError("pruning options were given without a goal",

@@ -3,15 +3,15 @@ emulated device also compare its aarch64 outputs with this machine's."""
 from __future__ import annotations
 
 
-from .data import Dataset
-from .manifest import MANIFEST, build_lock, read_manifest, write_json_atomic
-from .report import append_section, table
+from ..data import Dataset
+from ..manifest import MANIFEST, build_lock, read_manifest, write_json_atomic
+from ..report import append_section, table
 
 EMULATION_SAMPLES = 256  # emulated inference is slow; this many eval samples give a stable agreement
 
 
 def deploy_and_bench(result, device, cfg, evals: Dataset, say) -> None:
-    from .devices import bench
+    from ..devices import bench
     say(f"deploying to {device.name} and benchmarking there" + (" (emulated: latency not judged)" if device.emulated else ""))
     r = bench(result.path, device, threads=result.manifest.target["threads"], progress=say,
               accept_new_host_key=cfg.accept_new_host_key, dirs=cfg.devices_dir or None,
@@ -28,9 +28,9 @@ def deploy_and_bench(result, device, cfg, evals: Dataset, say) -> None:
 
 def _compare_emulated(result, device, evals: Dataset, say) -> None:
     """int8 artifacts on the emulated aarch64 runtimes vs on x86, same inputs: the ARM kernels differ."""
-    from . import runtime
-    from .emulate import compare_on_emulator, emulator_for_python
-    from .tflite.validate import run_tflite
+    from .. import runtime
+    from ..emulate import compare_on_emulator, emulator_for_python
+    from ..tflite.validate import run_tflite
     env = emulator_for_python(device.python_cmd)
     if env is None or device.transport != "local":
         say(f"{device.name} is marked emulated but is not an edgepack emulator: aarch64-vs-x86 comparison skipped")

@@ -12,7 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import EdgepackError
+from ..errors import EdgepackError
 
 log = logging.getLogger(__name__)
 OPSET = 17

@@ -18,9 +18,9 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       QuantType, quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .data import Dataset
-from .errors import EdgepackError
-from .targets import Quantization
+from ..data import Dataset
+from ..errors import EdgepackError
+from ..targets import Quantization
 
 log = logging.getLogger(__name__)
 # Ops whose int8 kernels matter; the fallback ranks and may exclude these.

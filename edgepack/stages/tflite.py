@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset
-from .errors import EdgepackError
-from .export import check_parity
+from ..data import Dataset
+from ..errors import EdgepackError
+from ..onnx_tools.export import check_parity
 from .load import LoadedModel
-from .manifest import TensorSpec
-from .targets import TargetProfile
+from ..manifest import TensorSpec
+from ..targets import TargetProfile
 from .validate import quality
 
 MAX_CALIB = 128  # PT2E calibration is slow (FACTS.md: 64 samples took 86-123 s on ResNet-18)
@@ -20,8 +20,8 @@ def build_tflite(tmp: Path, loaded: LoadedModel, profile: TargetProfile, calib: 
                  torch_ref: np.ndarray | None, say):
     """Returns (artifacts, stage record, report section). With `tflite_optional` in the profile a
     failed conversion keeps the ONNX artifacts and is reported instead of failing the build."""
-    from . import tflite
-    from .pipeline import _artifact
+    from .. import tflite
+    from ..pipeline import _artifact
     try:
         tflite.require_litert_torch()
         tflite.require_torch_model(loaded.module, loaded.source)

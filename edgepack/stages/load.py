@@ -12,7 +12,8 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import EdgepackError
+from ..errors import EdgepackError
+from ..userimport import import_attr
 
 
 @dataclass
@@ -31,37 +32,6 @@ class LoadedModel:
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(self.input_shape),)
-
-
-def import_attr(spec: str, what: str = "factory"):
-    """`path/to/file.py:name` or `package.module:name` -> the object."""
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise EdgepackError(f"{what} {spec!r} must look like file.py:name or package.module:name")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.exists():
-            raise EdgepackError(f"model file {path} does not exist", "check the path before the ':'")
-        mod_name = "edgepack_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[mod_name] = module
-        try:
-            spec_obj.loader.exec_module(module)
-        except Exception as e:
-            raise EdgepackError(f"importing {path} failed: {type(e).__name__}: {e}",
-                                "run `python {path}` to see the error in your file") from e
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise EdgepackError(f"cannot import module {target!r}: {e}",
-                                "pass a file path (file.py:name) or make the package importable") from e
-    if not hasattr(module, attr):
-        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise EdgepackError(f"{target} has no {what} named {attr!r}",
-                            f"callables there: {', '.join(public[:12]) or 'none'}")
-    return getattr(module, attr)
 
 
 def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
@@ -133,7 +103,7 @@ def load_weights(module: nn.Module, path: Path) -> None:
     if not path.exists():
         raise EdgepackError(f"weights file {path} does not exist", "check the --weights path")
     if path.suffix == ".safetensors" and _is_pruned_file(path):
-        from .prune import load_pruned  # `edgepack prune --out`: re-apply the pruned shapes first
+        from ..prune import load_pruned  # `edgepack prune --out`: re-apply the pruned shapes first
         load_pruned(module, path)
         return
     try:
@@ -173,7 +143,7 @@ def load_weights(module: nn.Module, path: Path) -> None:
 
 def _is_pruned_file(path: Path) -> bool:
     from safetensors import safe_open
-    from .prune.saving import FORMAT
+    from ..prune.saving import FORMAT
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
