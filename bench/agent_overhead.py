@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from common import make_onnx_build  # noqa: E402
 
-from edgepack import runtime, zoo  # noqa: E402
+from edgepack import runtime  # noqa: E402
+from fixtures import zoo  # noqa: E402
 from edgepack.devices import bench, deploy  # noqa: E402
 from edgepack.devices.inventory import Device  # noqa: E402
 

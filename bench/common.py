@@ -7,7 +7,12 @@ import platform
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
+
+# The model zoo and the benchmark task are test fixtures (tests/fixtures), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from common import make_onnx_build  # noqa: E402
 
 import sshd as sshd_mod  # noqa: E402  (tests/sshd.py: the real-sshd helper)
-from edgepack import zoo  # noqa: E402
+from fixtures import zoo  # noqa: E402
 from edgepack.devices import bench_fleet  # noqa: E402
 from edgepack.devices.inventory import Device, SshConfig  # noqa: E402
 

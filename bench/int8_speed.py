@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, save  # noqa: E402
 
-from edgepack import zoo  # noqa: E402
+from fixtures import zoo  # noqa: E402
 from edgepack.data import Dataset  # noqa: E402
 from edgepack.onnx_tools.export import to_onnx  # noqa: E402
 from edgepack.onnx_tools.quantize import DatasetReader, quantize_onnx  # noqa: E402

@@ -28,15 +28,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sys
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fixtures: the zoo and the task
 from edgepack.onnx_tools.export import to_onnx
 from edgepack.prune import FinetuneConfig, PruneConfig, count_macs_params, evaluate, finetune, prune_model
 from edgepack.onnx_tools.quantize import quantize_onnx
 from edgepack.runtime import open_model, time_runs
 from edgepack.targets import load_profile
-from edgepack.tasks import noisy_digits, train_baseline
-from edgepack.zoo import resnet18
+from fixtures.tasks import noisy_digits, train_baseline
+from fixtures.zoo import resnet18
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -25,8 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from edgepack import zoo  # noqa: E402
+from fixtures import zoo  # noqa: E402
 from edgepack.data import Dataset  # noqa: E402
 from edgepack.onnx_tools.export import to_onnx  # noqa: E402
 from edgepack.onnx_tools.quantize import quantize_onnx  # noqa: E402

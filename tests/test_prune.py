@@ -12,7 +12,7 @@ from edgepack.data import Dataset
 from edgepack.errors import EdgepackError
 from edgepack.prune import (PruneConfig, UnprunableModel, count_macs_params, load_pruned, make_config,
                             prune_model, save_pruned)
-from edgepack.zoo import ZOO, convnet, vit
+from fixtures.zoo import ZOO, convnet, vit
 
 torch.set_num_threads(1)
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ from edgepack.errors import EdgepackError
 from edgepack.prune import PruneConfig, count_macs_params, measure_latency, run_prune_stage
 from edgepack.prune import latency as latency_mod
 from edgepack.targets import load_profile
-from edgepack.zoo import convnet
+from fixtures.zoo import convnet
 
 torch.set_num_threads(1)
 X = torch.zeros(1, 3, 32, 32)

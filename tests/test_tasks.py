@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack.tasks import noisy_digits, train_baseline
-from edgepack.zoo import mobilenet_v2, resnet18
+from fixtures.tasks import noisy_digits, train_baseline
+from fixtures.zoo import mobilenet_v2, resnet18
 
 
 @pytest.fixture(scope="module")

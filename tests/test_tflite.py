@@ -284,7 +284,7 @@ def test_inspect_rejects_truncated_and_foreign_files(digits, tmp_path):
 def test_residual_adds_are_quantized(tmp_path):
     """MobileNetV2's residual ADDs (not followed by ReLU) stayed float after a non-strict
     export; strict export gives the quantizer the metadata it matches them by."""
-    from edgepack.zoo import InvertedResidual, conv_bn
+    from fixtures.zoo import InvertedResidual, conv_bn
 
     class Residual(nn.Module):
         def __init__(self):

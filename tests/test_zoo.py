@@ -12,7 +12,7 @@ from edgepack.prune import PruneConfig, count_macs_params, prune_model
 from edgepack.onnx_tools.quantize import quantize_onnx
 from edgepack.runtime import open_model
 from edgepack.targets import load_profile
-from edgepack.zoo import ZOO
+from fixtures.zoo import ZOO
 
 torch.set_num_threads(1)
 WIDTH = {"resnet18": 0.25, "mobilenet_v2": 0.25}  # the others are small at width 0.5

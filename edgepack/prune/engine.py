@@ -102,7 +102,7 @@ class _KeepPermutation(tp.pruner.function.BasePruningFunc):
 
 
 def permutation_modules(model: nn.Module) -> dict[type, _KeepPermutation]:
-    """Channel shuffles (torch's nn.ChannelShuffle, edgepack.zoo's, or any class of that name)."""
+    """Channel shuffles (torch's nn.ChannelShuffle, the test fixtures (tests/fixtures/zoo.py)'s, or any class of that name)."""
     return {type(m): _KeepPermutation() for m in model.modules() if type(m).__name__ == "ChannelShuffle"}
 
 
@@ -126,7 +126,7 @@ def _untraceable(model: nn.Module, e: Exception) -> UnprunableModel:
         f"cannot build the channel dependency graph of {type(model).__name__}: {type(e).__name__}: {e}",
         "torch-pruning traces the forward pass with the example input; reshapes that move channels "
         "(a view/transpose channel shuffle) are not traceable: write the shuffle as a module named "
-        "ChannelShuffle (see edgepack.zoo), or build without pruning")
+        "ChannelShuffle (see the test fixtures (tests/fixtures/zoo.py)), or build without pruning")
 
 
 def make_importance(name: str):
