@@ -21,7 +21,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 out = Console(width=None if sys.stdout.isatty() else 140)
 
 # Command modules; each defines register(app). Order is the order of `edgepack --help`.
-COMMAND_MODULES = ["build", "prune", "targets", "devices", "emulate"]
+COMMAND_MODULES = ["build", "prune", "targets", "devices", "emulate", "cache"]
 
 
 @app.callback()
