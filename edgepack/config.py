@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,17 +19,32 @@ from .targets import Budgets, format_validation
 DEFAULT_CONFIG = "edgepack.toml"
 
 
+# A build name becomes a directory under --out: no separators, no "..", nothing hidden.
+BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class DataConfig(BaseModel):
+    """Image-folder preprocessing (edgepack.data.Preprocess); unset fields keep its defaults."""
     model_config = ConfigDict(extra="forbid")
-    mean: list[float] = [0.0]
-    std: list[float] = [1.0]
+    preprocess: Literal["imagenet"] | None = None
+    resize: int | list[int] | None = None
+    crop: int | list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: Literal["NCHW", "NHWC"] | None = None
 
     @field_validator("std")
     @classmethod
     def _positive(cls, v):
-        if any(s <= 0 for s in v):
+        if v is not None and any(s <= 0 for s in v):
             raise ValueError("std values must be > 0")
         return v
+
+    def preprocess_fields(self) -> dict:
+        fields = self.model_dump(exclude_none=True)
+        if "preprocess" in fields:
+            fields["preset"] = fields.pop("preprocess")
+        return fields
 
 
 class BuildConfig(BaseModel):
@@ -39,7 +55,9 @@ class BuildConfig(BaseModel):
     model: str | None = None  # None: the embedded default example
     weights: str | None = None
     trust_pickle: bool = False
-    input_shape: list[int] | None = None
+    # One shape for a single-input model, or a shape per input name; batch first.
+    input_shape: list[int] | dict[str, list[int]] | None = None
+    input_dtype: dict[str, Literal["float32", "float16", "int64", "int32", "bool"]] = {}
     calib: str | None = None
     eval: str | None = None
     train: str | None = None
@@ -51,6 +69,12 @@ class BuildConfig(BaseModel):
     formats: list[Literal["onnx", "tflite"]] | None = None
     calibration_method: Literal["MinMax", "Entropy", "Percentile"] | None = None
     budgets: Budgets = Budgets()
+    budgets_off: list[str] = []  # profile budgets switched off (`--budget NAME=off`)
+    # Quality: a user metric `file.py:function` (outputs, labels) -> number, higher is better.
+    metric: str | None = None
+    # Evaluation samples split off (seeded) to choose with (fallback, early stop); the rest report.
+    choose_samples: int = Field(256, ge=0)
+    cache: bool = True  # reuse export/int8/TFLite results keyed by content (--no-cache)
     # Accuracy-aware fallback: leave up to this many of the most sensitive nodes in float.
     fallback: bool = True
     max_float_nodes: int = Field(8, ge=0)
@@ -61,6 +85,21 @@ class BuildConfig(BaseModel):
     device: str | None = None
     devices_dir: list[str] = []
     accept_new_host_key: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and not BUILD_NAME.fullmatch(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory under --out)")
+        return v
+
+    @field_validator("budgets_off")
+    @classmethod
+    def _known_budgets(cls, v):
+        unknown = [b for b in v if b not in Budgets.model_fields]
+        if unknown:
+            raise ValueError(f"unknown budget(s) {', '.join(unknown)}; known: {', '.join(Budgets.model_fields)}")
+        return v
 
     def fingerprint(self) -> str:
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -81,6 +120,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as e:
             raise EdgepackError(f"config file {file} is not valid TOML: {e}") from e
+        if "trust_pickle" in data:  # a config file found in the working directory must not run code
+            raise EdgepackError(f"config file {file}: trust_pickle can only be given on the command line",
+                                "remove it from the file and pass --trust-pickle if you trust the model file")
         data = _resolve_paths(data, file.parent)
     for key, value in (overrides or {}).items():
         if value is None:
@@ -96,7 +138,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise EdgepackError(f"{where} invalid:\n{format_validation(e)}") from e
 
 
-_PATH_KEYS = ("model", "weights", "calib", "eval", "train", "out", "target")
+_PATH_KEYS = ("model", "weights", "calib", "eval", "train", "out", "target", "metric")
 _LIST_PATH_KEYS = ("targets_dir", "devices_dir")
 
 

@@ -6,22 +6,20 @@ Deploy and the on-device agent rely on `artifacts[*].path / sha256 / format / pr
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from pydantic import BaseModel, Field
 
 from .errors import EdgepackError
 from .hashing import sha256_file  # noqa: F401  (re-exported for callers)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: named multi-input/-output specs, per-output fidelity, user metric, timed shapes
 MANIFEST = "manifest.json"
 
 
@@ -41,13 +39,18 @@ class LatencyMs(BaseModel):
     runs: int | None = None
     threads: int | None = None
     measured_on: str | None = None  # machine arch; a latency measured off-target is not judged
+    input_shapes: dict[str, list[int]] | None = None  # exactly the shapes it was timed at
 
 
 class ArtifactMetrics(BaseModel):
     accuracy: float | None = None  # top-1 on labelled eval data, in percent
     agreement: float | None = None  # top-1 agreement with the float reference, in percent
-    max_abs_diff: float | None = None
-    cosine: float | None = None
+    metric: float | None = None  # the user's --metric (higher is better)
+    max_abs_diff: float | None = None  # worst output
+    cosine: float | None = None  # worst output
+    sqnr_db: float | None = None  # worst output, vs the float reference
+    outputs: dict[str, dict] | None = None  # per output: sqnr_db, cosine, max_abs_diff
+    samples: int | None = None  # how many evaluation samples these figures come from
     latency_ms: LatencyMs | None = None
     size_mb: float | None = None
 
@@ -66,7 +69,7 @@ class Artifact(BaseModel):
 
 
 class Verdict(BaseModel):
-    budget: str
+    budget: str  # "min_*" budgets pass at or above the limit, the others at or below
     limit: float | None
     value: float | None
     ok: bool | None  # None: not judged (no figure, or measured off-target)
@@ -117,6 +120,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -125,23 +129,23 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
     write_text_atomic(path, text + "\n")
 
 
-_LOCK = threading.Lock()
-
-
 @contextmanager
 def build_lock(build_dir: Path):
     """Serialise read-modify-write of a build's manifest and report (threads and processes:
-    fleet benches finish concurrently)."""
+    fleet benches finish concurrently). filelock's FileLock is re-entrant per object, so each
+    call takes its own: threads and processes both wait."""
     lock_dir = Path(build_dir) / "bench"
     lock_dir.mkdir(exist_ok=True)
-    with _LOCK, open(lock_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(str(lock_dir / ".lock")):
+        yield

@@ -216,30 +216,53 @@ def peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
-def random_inputs(runner: Runner, seed: int = 0) -> list:
-    """Inputs shaped like the model's (dynamic axes become 1), for timing runs."""
+def random_inputs(runner: Runner, seed: int = 0, shapes=None) -> list:
+    """Inputs for timing runs. The model's static dims are kept; every dynamic dim must come from
+    `shapes` (a list in input order, or a dict by input name): nothing is timed at a shape nobody
+    gave. Without `shapes`, a dynamic batch axis alone becomes 1."""
     rng = np.random.default_rng(seed)
     arrays = []
-    for shape, dtype in zip(runner.input_shapes, runner.input_dtypes):
-        shape = [s if isinstance(s, int) and s > 0 else 1 for s in shape]
-        if np.dtype(dtype).kind == "f":
+    for i, (model_shape, dtype) in enumerate(zip(runner.input_shapes, runner.input_dtypes)):
+        given = None
+        if isinstance(shapes, dict):
+            given = shapes.get(runner.input_names[i])
+        elif shapes is not None and i < len(shapes):
+            given = shapes[i]
+        shape = []
+        for j, d in enumerate(model_shape):
+            if isinstance(d, (int, np.integer)) and d > 0:
+                shape.append(int(d))
+            elif given is not None and len(given) == len(model_shape):
+                shape.append(int(given[j]))
+            elif j == 0:
+                shape.append(1)
+            else:
+                raise ValueError(f"input {runner.input_names[i]} has dynamic dimension {j} ({d!r}); "
+                                 f"give its shape to time it")
+        kind = np.dtype(dtype).kind
+        if kind == "f":
             arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif kind == "b":
+            arrays.append(rng.integers(0, 2, shape).astype(dtype))
         else:
             arrays.append(rng.integers(0, 10, shape).astype(dtype))
     return arrays
 
 
-def measure_file(path, threads: int = 1, warmup: int = 10, runs: int = 50) -> dict:
-    """Load time, first run, latency statistics and peak memory of one model in this process."""
+def measure_file(path, threads: int = 1, warmup: int = 10, runs: int = 50, shapes=None) -> dict:
+    """Load time, first run, latency statistics and peak memory of one model in this process,
+    at `shapes` (see random_inputs); the result records the shapes it was timed at."""
     import time
     base = peak_rss_mb()
     t0 = time.perf_counter()
     runner = open_model(path, threads)
     load_ms = (time.perf_counter() - t0) * 1e3
-    stats = time_runs(runner, random_inputs(runner), warmup, runs)
+    inputs = random_inputs(runner, shapes=shapes)
+    stats = time_runs(runner, inputs, warmup, runs)
     return {"load_ms": load_ms, "latency_ms": stats, "peak_rss_mb": peak_rss_mb(),
             "baseline_rss_mb": base, "threads": threads, "backend": runner.backend,
-            "backend_version": runner.backend_version}
+            "backend_version": runner.backend_version,
+            "input_shapes": {n: list(a.shape) for n, a in zip(runner.input_names, inputs)}}
 
 
 if __name__ == "__main__":  # python runtime.py MODEL [threads warmup runs] -> one JSON line
@@ -247,6 +270,7 @@ if __name__ == "__main__":  # python runtime.py MODEL [threads warmup runs] -> o
     import sys
     args = sys.argv[1:]
     if not args:
-        sys.exit("usage: python runtime.py MODEL [threads] [warmup] [runs]")
+        sys.exit("usage: python runtime.py MODEL [threads] [warmup] [runs] [SHAPES_JSON]")
     nums = [int(a) for a in args[1:4]] + [1, 10, 50][len(args[1:4]):]
-    print(json.dumps(measure_file(args[0], *nums)))
+    shapes = json.loads(args[4]) if len(args) > 4 else None
+    print(json.dumps(measure_file(args[0], *nums, shapes=shapes)))

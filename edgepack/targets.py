@@ -36,7 +36,8 @@ class Budgets(Strict):
     latency_p90_ms: float | None = Field(None, gt=0)
     peak_memory_mb: float | None = Field(None, gt=0)
     size_mb: float | None = Field(None, gt=0)
-    max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1 (or agreement)")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1, of agreement, or of the user metric")
+    min_sqnr_db: float | None = Field(None, description="lowest SQNR (dB) of any output vs the float model")
 
 
 class TargetProfile(Strict):

@@ -13,17 +13,57 @@ from . import console, out
 from ..errors import BudgetNotMet, EdgepackError
 
 
-def _parse_budgets(items: list[str]) -> dict:
-    budgets = {}
+def _parse_budgets(items: list[str]) -> tuple[dict, list[str]]:
+    """`KEY=VALUE` overrides, and `KEY=off` for budgets of the profile to switch off."""
+    budgets, off = {}, []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise EdgepackError(f"--budget {item!r} must look like KEY=VALUE, e.g. latency_p50_ms=20 (or KEY=off)")
+        if value.strip().lower() in ("off", "none"):
+            off.append(key)
+            continue
+        try:
+            budgets[key] = float(value)
+        except ValueError:
+            raise EdgepackError(f"--budget {item!r}: {value!r} is not a number (or 'off')") from None
+    return budgets, off
+
+
+def _parse_shapes(items: list[str]):
+    """`1x3x224x224` (a single-input model) or `NAME=1x512` per input."""
+    from ..stages.load import parse_shape
+    if not items:
+        return None
+    named = [i for i in items if "=" in i]
+    if not named:
+        if len(items) > 1:
+            raise EdgepackError("several --input-shape values need names: --input-shape NAME=1x512 for each input")
+        return list(parse_shape(items[0]))
+    if len(named) != len(items):
+        raise EdgepackError("mix of named and unnamed --input-shape values", "name every input: NAME=SHAPE")
+    return {k.strip(): list(parse_shape(v)) for k, _, v in (i.partition("=") for i in items)}
+
+
+def _parse_dtypes(items: list[str]) -> dict | None:
+    out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise EdgepackError(f"--budget {item!r} must look like KEY=VALUE, e.g. latency_p50_ms=20")
-        try:
-            budgets[key.strip()] = float(value)
-        except ValueError:
-            raise EdgepackError(f"--budget {item!r}: {value!r} is not a number") from None
-    return budgets
+            raise EdgepackError(f"--input-dtype {item!r} must look like NAME=int64")
+        out[key.strip()] = value.strip()
+    return out or None
+
+
+def _ints(flag: str, text: str | None):
+    if not text:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise EdgepackError(f"{flag} {text!r} must be a size like 256 or 224x224") from None
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _floats(flag: str, text: str | None) -> list[float] | None:
@@ -58,7 +98,15 @@ def register(app: typer.Typer) -> None:
         target: Optional[str] = typer.Option(None, "--target", "-t", help="target profile name or .toml path [default: x86]"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="file.py:factory, package.module:factory, model.onnx, or model.pt with --trust-pickle"),
         weights: Optional[str] = typer.Option(None, "--weights", "-w", help=".safetensors or a torch state dict"),
-        input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224"),
+        input_shape: list[str] = typer.Option([], "--input-shape", help="1x3x224x224, or NAME=SHAPE per input (repeatable)"),
+        input_dtype: list[str] = typer.Option([], "--input-dtype", help="NAME=int64|int32|float32|float16|bool (repeatable)"),
+        metric: Optional[str] = typer.Option(None, "--metric", help="file.py:function(outputs, labels) -> number, higher is better"),
+        choose_samples: Optional[int] = typer.Option(None, "--choose-samples", help="evaluation samples split off to choose with [256]"),
+        no_cache: bool = typer.Option(False, "--no-cache", help="rebuild every stage (do not reuse cached results)"),
+        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="image-folder preset: imagenet"),
+        resize: Optional[str] = typer.Option(None, "--resize", help="image folders: shorter side (256) or HxW"),
+        crop: Optional[str] = typer.Option(None, "--crop", help="image folders: centre crop (224 or HxW)"),
+        data_layout: Optional[str] = typer.Option(None, "--data-layout", help="image folders: NCHW (default) or NHWC"),
         calib: Optional[str] = typer.Option(None, "--calib", help="calibration data: image folder, .npz, or module:function"),
         eval_: Optional[str] = typer.Option(None, "--eval", help="evaluation data (labels give accuracy; none give agreement)"),
         train: Optional[str] = typer.Option(None, "--train", help="training data for fine-tuning after pruning"),
@@ -90,7 +138,6 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     ):
         from ..config import load_config
-        from ..stages.load import parse_shape
         from ..pipeline import build as run_build
         # Only flags actually given: load_config merges these tables over the config file's.
         prune_cfg = {k: v for k, v in {
@@ -98,16 +145,19 @@ def register(app: typer.Typer) -> None:
             "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
             "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
         }.items() if v is not None} or None
-        data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std)}.items()
+        data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),
+                                      "preprocess": preprocess, "resize": _ints("--resize", resize),
+                                      "crop": _ints("--crop", crop), "layout": data_layout}.items()
                     if v is not None} or None
-        shape = parse_shape(input_shape)
+        budgets, budgets_off = _parse_budgets(budget)
         cfg = load_config(config, {
             "target": target, "model": model, "weights": weights,
-            "input_shape": list(shape) if shape else None,
+            "input_shape": _parse_shapes(input_shape), "input_dtype": _parse_dtypes(input_dtype),
+            "metric": metric, "choose_samples": choose_samples, "cache": False if no_cache else None,
             "calib": calib, "eval": eval_, "train": train, "out": out_dir, "name": name,
             "targets_dir": targets_dir or None, "threads": threads, "formats": formats or None,
             "calibration_method": calibration_method, "data": data_cfg,
-            "budgets": _parse_budgets(budget) or None, "trust_pickle": trust_pickle or None,
+            "budgets": budgets or None, "budgets_off": budgets_off or None, "trust_pickle": trust_pickle or None,
             "fallback": False if no_fallback else None, "max_float_nodes": max_float_nodes,
             "latency_runs": latency_runs, "prune": prune_cfg, "device": device,
             "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ):
         from ..data import load_dataset
-        from ..stages.load import load_model
+        from ..stages.load import load_model, parse_shape
         from ..prune import make_config, run_prune_stage, save_pruned
         from ..targets import load_profile
         cfg = make_config(ratio=ratio, macs_target=macs_target, to_latency=to_latency, importance=importance,
@@ -60,14 +60,15 @@ def register(app: typer.Typer) -> None:
         if to_latency and target is None:
             raise EdgepackError("--to-latency needs --target: the latency budget is the target's",
                                 "e.g. --target x86 (budgets.latency_p50_ms in the profile)")
-        loaded = load_model(model, weights, input_shape, trust_pickle)
+        shape_given = parse_shape(input_shape)
+        loaded = load_model(model, weights, list(shape_given) if shape_given else None, None, trust_pickle)
         if loaded.kind != "torch":
             raise EdgepackError(f"{model} is an ONNX model; pruning needs the PyTorch model",
                                 "pass file.py:factory (and --weights)")
         profile = load_profile(target or "x86")
         if target is None and round_to is None:
             cfg = cfg.model_copy(update={"round_to": 1})  # no target: no channel rounding
-        shape = loaded.sample_shape
+        shape = loaded.sample_specs()
         train_ds = load_dataset(train, shape, what="training data") if train else None
         eval_ds = load_dataset(eval_, shape, what="evaluation data") if eval_ else None
         t0 = time.perf_counter()

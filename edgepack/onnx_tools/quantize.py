@@ -28,39 +28,54 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 class DatasetReader(CalibrationDataReader):
-    """ONNX Runtime's data-reader protocol over a Dataset: one feed dict per batch.
+    """ONNX Runtime's data-reader protocol over a Dataset: one feed dict per batch (or per sample,
+    for a model whose inputs are not all batch-first with a dynamic batch)."""
 
-    `fixed=True` (a model exported with a fixed batch size) skips a ragged last batch."""
-
-    def __init__(self, input_name: str, data: Dataset, batch_size: int = 16, fixed: bool = False):
-        self.input_name, self.data, self.batch_size, self.fixed = input_name, data, batch_size, fixed
+    def __init__(self, names: list[str], dtypes: list[str], data: Dataset, batch_size: int = 16,
+                 batchable: bool = True):
+        self.names, self.dtypes, self.data = names, dtypes, data
+        self.batch_size, self.batchable = batch_size, batchable
         self.rewind()
 
     def get_next(self):
-        batch = next(self._it, None)
-        if batch is not None and self.fixed and len(batch[0]) != self.batch_size:
-            batch = None
-        return None if batch is None else {self.input_name: batch[0].astype(np.float32)}
+        arrays = next(self._it, None)
+        if arrays is None:
+            return None
+        return {n: np.asarray(a, dtype=d) for n, d, a in zip(self.names, self.dtypes, arrays)}
 
     def rewind(self):
-        self._it = self.data.batches(self.batch_size)
+        if self.batchable:
+            self._it = (arrays for arrays, _ in self.data.batches(self.batch_size))
+        else:
+            self._it = ([a[0] for a in self.data.arrays(slice(i, i + 1))] for i in range(len(self.data)))
 
     @classmethod
     def for_model(cls, model_path: Path, data: Dataset, batch_size: int = 16) -> "DatasetReader":
-        """A reader shaped for the model's first input: its fixed batch size, if it has one."""
-        inp = onnx.load(str(model_path), load_external_data=False).graph.input[0]
-        dims = inp.type.tensor_type.shape.dim
-        fixed = dims[0].dim_value if dims and dims[0].dim_value > 0 else 0
-        return cls(inp.name, data, fixed or batch_size, fixed=bool(fixed))
+        """A reader shaped for the model's inputs: batches when every input's batch axis is dynamic."""
+        g = onnx.load(str(model_path), load_external_data=False).graph
+        inits = {i.name for i in g.initializer}
+        inputs = [i for i in g.input if i.name not in inits]
+        dims0 = [i.type.tensor_type.shape.dim[0] if i.type.tensor_type.shape.dim else None for i in inputs]
+        batchable = all(d is not None and d.dim_value <= 0 for d in dims0)
+        dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in inputs]
+        names = [i.name for i in inputs]
+        if len(names) == 1:  # a single input may be named anything in the data
+            ordered = Dataset({names[0]: next(iter(data.inputs.values()))}, data.y, data.source, data.classes)
+        else:
+            missing = [n for n in names if n not in data.inputs]
+            if missing:
+                raise EdgepackError(f"calibration data {data.source} has no input named {', '.join(missing)}",
+                                    f"it has: {', '.join(data.names)}")
+            ordered = Dataset({n: data.inputs[n] for n in names}, data.y, data.source, data.classes)
+        return cls(names, dtypes, ordered, batch_size, batchable)
 
 
 def check_calibration_data(data: Dataset) -> None:
     if len(data) == 0:
         raise EdgepackError(f"calibration data {data.source} is empty",
                             "pass --calib with at least a few dozen representative samples")
-    bad = ~np.isfinite(data.x)
-    if bad.any():
-        n = int(bad.reshape(len(data.x), -1).any(1).sum())
+    n = data.nonfinite_count()
+    if n:
         raise EdgepackError(f"calibration data {data.source} has NaN/Inf values in {n} of {len(data)} samples",
                             "clean or drop those samples; int8 ranges computed from them would be garbage")
 
@@ -87,7 +102,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calib: Dataset, q: Quantizat
     """Quantize `fp32_path` to a QDQ int8 model at `int8_path` (atomic); returns a record."""
     check_calibration_data(calib)
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    calib = calib.take(q.calibration_samples)
+    calib = calib.sample(q.calibration_samples, seed=0)  # seeded, stratified: never the first N
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepack-q-") as tmpdir:
         pre = preprocessed or preprocess(fp32_path, Path(tmpdir) / "pre.onnx")
@@ -127,7 +142,7 @@ def node_sensitivity(fp32_path: Path, int8_path: Path, data: Dataset, samples: i
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
     graph = onnx.load(str(fp32_path)).graph
-    data = data.take(samples)
+    data = data.sample(samples, seed=0)
     with tempfile.TemporaryDirectory(prefix="edgepack-sens-") as tmpdir:
         aug_f, aug_q = Path(tmpdir) / "f.onnx", Path(tmpdir) / "q.onnx"
         with redirect_stdout(io.StringIO()):

@@ -1,46 +1,67 @@
-"""Stage 1: load the user's model (PyTorch factory + weights, or an ONNX file) and its input spec."""
+"""Stage `load`: the model, the exact shapes and dtypes of its inputs, and the build's data.
+
+Input shapes come from `--input-shape` (one unnamed shape, or NAME=SHAPE per input), else the
+model's own `input_shape` attribute, else the calibration data. Nothing is ever validated or
+timed at a shape the user did not give: a dynamic ONNX dimension needs a shape from one of those.
+"""
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
+import numpy as np
 import torch
-from torch import nn
+from pydantic import BaseModel
 
+from ..data import Dataset, Preprocess, conform, load_dataset
 from ..errors import EdgepackError
-from ..userimport import import_attr
+from ..manifest import TensorSpec
+from ..quality import load_metric
+from .context import BuildContext, BuildData, LoadedModel
+from .model_files import forward_arg_names, onnx_inputs, torch_module
+
+NAME = "load"
+SPLIT_SEED = 0
 
 
-@dataclass
-class LoadedModel:
-    kind: str  # "torch" | "onnx"
-    name: str
-    input_shape: tuple[int, ...]  # with the batch axis, e.g. (1, 3, 224, 224)
-    module: nn.Module | None = None
-    onnx_path: Path | None = None
-    input_name: str = "input"
-    source: str = ""
+class Config(BaseModel):
+    model: str
+    weights: str | None = None
+    trust_pickle: bool = False
+    input_shape: list[int] | dict[str, list[int]] | None = None
+    input_dtype: dict[str, str] = {}
+    calib: str
+    eval: str | None = None
+    train: str | None = None
+    choose_samples: int = 256
+    metric: str | None = None
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.input_shape[1:])
 
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros(self.input_shape),)
+def config(ctx: BuildContext) -> Config:
+    c = ctx.cfg
+    if not c.calib:
+        raise EdgepackError("int8 calibration needs representative data: none was given",
+                            "pass --calib DIR|file.npz|module:function (a few hundred samples is plenty)")
+    return Config(model=c.model, weights=c.weights, trust_pickle=c.trust_pickle, input_shape=c.input_shape,
+                  input_dtype=c.input_dtype, calib=c.calib, eval=c.eval, train=c.train if c.prune else None,
+                  choose_samples=c.choose_samples, metric=c.metric)
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    pre = Preprocess(**ctx.cfg.data.preprocess_fields())
+    raw = None if Path(cfg.calib).is_dir() else load_dataset(cfg.calib, None, pre, "calibration data")
+    ctx.model = load_model(cfg.model, cfg.weights, cfg.input_shape, cfg.input_dtype, cfg.trust_pickle, raw)
+    ctx.metric = (cfg.metric, load_metric(cfg.metric)) if cfg.metric else None
+    ctx.data = load_build_data(ctx.model, cfg, pre, raw)
+    m = ctx.model
+    return {"kind": m.kind, "source": m.source, "batchable": m.batchable,
+            "inputs": [s.model_dump() for s in m.inputs], "outputs": m.outputs, **ctx.data.notes}
 
 
 def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
+    """`1x3x224x224` (or a list) -> (1, 3, 224, 224)."""
     if text is None:
         return None
-    if isinstance(text, (list, tuple)):
-        parts = list(text)
-    else:
-        parts = text.lower().replace(",", "x").split("x")
+    parts = list(text) if isinstance(text, (list, tuple)) else text.lower().replace(",", "x").split("x")
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
@@ -50,145 +71,153 @@ def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
     return shape
 
 
-def load_model(spec: str, weights: str | None = None, input_shape=None,
-               trust_pickle: bool = False, data_shape: tuple[int, ...] | None = None) -> LoadedModel:
-    """Load a model from `spec` and check it accepts its input shape: `input_shape` if given,
-    else the shape the model declares (`model.input_shape`), else `data_shape` (from the data)."""
-    shape = parse_shape(input_shape)
-    path = Path(spec)
-    if path.suffix.lower() == ".onnx":
-        return _load_onnx(path, shape)
-    if path.suffix.lower() in (".pt", ".pth", ".pkl") and ":" not in spec:
-        module = _load_pickled_module(path, trust_pickle)
-        name = path.stem
-    else:
-        factory = import_attr(spec)
-        try:
-            module = factory()
-        except Exception as e:
-            raise EdgepackError(f"model factory {spec} raised {type(e).__name__}: {e}",
-                                "call it in Python to debug; it must return an nn.Module") from e
-        if not isinstance(module, nn.Module):
-            raise EdgepackError(f"model factory {spec} returned {type(module).__name__}, not a torch.nn.Module")
-        target, _, attr = spec.rpartition(":")
-        name = Path(target).stem if target.endswith(".py") else attr
-    if weights:
-        load_weights(module, Path(weights))
-    module.eval()
-    shape = shape or _declared_shape(module) or data_shape
-    if shape is None:
-        raise EdgepackError(f"cannot tell the input shape of {spec}",
-                            "pass --input-shape, e.g. --input-shape 1x3x224x224")
-    _check_forward(module, shape, spec)
-    return LoadedModel("torch", name, shape, module=module, source=spec)
+def load_model(spec: str, weights: str | None = None, input_shape=None, input_dtype: dict | None = None,
+               trust_pickle: bool = False, data: Dataset | None = None) -> LoadedModel:
+    """The model with concrete input specs; `data` (loaded with its own shapes) fills the gaps."""
+    input_dtype = input_dtype or {}
+    if Path(spec).suffix.lower() == ".onnx":
+        return _onnx_model(Path(spec), input_shape, input_dtype, data)
+    module, name = torch_module(spec, weights, trust_pickle)
+    names = forward_arg_names(module)
+    declared = getattr(module, "input_shape", None)
+    shapes = _named_shapes(input_shape if input_shape is not None else declared, names, data, spec)
+    if names is None or len(names) < len(shapes):
+        names = list(shapes)
+    names = [n for n in names if n in shapes] if set(shapes) <= set(names) else list(shapes)
+    specs = [TensorSpec(name=n, shape=list(shapes[n]), dtype=_dtype(n, input_dtype, data)) for n in names]
+    model = LoadedModel("torch", name, specs, [], module=module, source=spec)
+    model.outputs, model.batchable = _probe(module, model, spec)
+    return model
 
 
-def _declared_shape(module: nn.Module):
-    """Models may declare `input_shape = (1, 3, 224, 224)` themselves."""
-    shape = getattr(module, "input_shape", None)
-    return parse_shape(shape) if shape is not None else None
+def _named_shapes(given, names: list[str] | None, data: Dataset | None, spec: str) -> dict[str, tuple]:
+    if isinstance(given, dict):
+        return {k: tuple(int(d) for d in v) for k, v in given.items()}
+    if given is not None:
+        shape = tuple(int(d) for d in given)
+        first = (names or (data.names if data is not None else None) or ["input"])[0]
+        return {first: shape}
+    if data is not None:
+        return {n: (1, *a.shape[1:]) for n, a in data.inputs.items()}
+    raise EdgepackError(f"cannot tell the input shape of {spec}",
+                        "pass --input-shape (e.g. 1x3x224x224, or NAME=1x512 per input), "
+                        "or calibration data as .npz / module:function")
 
 
-def _check_forward(module: nn.Module, shape, spec: str) -> None:
+def _dtype(name: str, given: dict, data: Dataset | None) -> str:
+    if name in given:
+        return given[name]
+    if data is not None and name in data.inputs:
+        kind = np.dtype(data.inputs[name].dtype)
+        return {"f": "float16" if kind == np.float16 else "float32", "b": "bool"}.get(kind.kind, "int64")
+    return "float32"
+
+
+def _probe(module, model: LoadedModel, spec: str) -> tuple[list[str], bool]:
+    """Output names, and whether a batch of 2 gives batch-2 outputs (then samples stack on axis 0)."""
+    from ..onnx_tools.export import flatten_outputs
+    x1 = model.example_inputs()
     try:
         with torch.no_grad():
-            module(torch.zeros(shape))
+            out1 = flatten_outputs(module(*x1))
     except Exception as e:
-        raise EdgepackError(f"model {spec} rejects input shape {'x'.join(map(str, shape))}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                            "pass the shape the model was trained on with --input-shape") from e
-
-
-def load_weights(module: nn.Module, path: Path) -> None:
-    if not path.exists():
-        raise EdgepackError(f"weights file {path} does not exist", "check the --weights path")
-    if path.suffix == ".safetensors" and _is_pruned_file(path):
-        from ..prune import load_pruned  # `edgepack prune --out`: re-apply the pruned shapes first
-        load_pruned(module, path)
-        return
+        shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))} {s.dtype}" for s in model.inputs)
+        raise EdgepackError(f"model {spec} rejects inputs {shapes}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}",
+                            "pass the shapes the model was trained on with --input-shape "
+                            "(NAME=SHAPE per input) and integer inputs with --input-dtype NAME=int64") from e
+    if not out1:
+        raise EdgepackError(f"model {spec} returns no tensors")
+    names = [n for n, _ in out1]
+    if not all(t.ndim and t.shape[0] == 1 for _, t in out1) or not all(int(s.shape[0]) == 1 for s in model.inputs):
+        return names, False
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EdgepackError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                            "it must be a .safetensors file or a state dict saved with torch.save; "
-                            "a pickled module needs --trust-pickle and the file as --model") from e
-    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise EdgepackError(f"weights {path} hold a {type(state).__name__}, not a state dict")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"wrong shape {len(wrong)} (e.g. {'; '.join(wrong[:2])})")
-        raise EdgepackError(f"weights {path} do not fit the model: " + ", ".join(parts),
-                            "check that the factory builds the same architecture the weights were saved from")
-    module.load_state_dict(state, strict=True)
-
-
-def _is_pruned_file(path: Path) -> bool:
-    from safetensors import safe_open
-    from ..prune.saving import FORMAT
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+        with torch.no_grad():
+            out2 = flatten_outputs(module(*(torch.cat([x, x]) for x in x1)))
+        return names, all(t.ndim and t.shape[0] == 2 for _, t in out2)
     except Exception:
-        return False  # not readable as safetensors: the normal path reports it
+        return names, False
 
 
-def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
-    if not path.exists():
-        raise EdgepackError(f"model file {path} does not exist")
-    if not trust_pickle:
-        raise EdgepackError(f"{path} would have to be unpickled, which can run arbitrary code",
-                            "pass --model file.py:factory with --weights, or --trust-pickle if you trust this file")
-    try:
-        module = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise EdgepackError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(module, nn.Module):
-        raise EdgepackError(f"{path} holds a {type(module).__name__}, not an nn.Module",
-                            "if it is a state dict, pass it as --weights with --model file.py:factory")
-    return module
+def _onnx_model(path: Path, input_shape, input_dtype: dict, data: Dataset | None) -> LoadedModel:
+    declared, outputs = onnx_inputs(path)
+    given = input_shape
+    if given is not None and not isinstance(given, dict):
+        if len(declared) != 1:
+            raise EdgepackError(f"{path} has {len(declared)} inputs ({', '.join(s.name for s in declared)}); "
+                                "one unnamed --input-shape is ambiguous", "pass --input-shape NAME=SHAPE for each")
+        given = {declared[0].name: given}
+    given = given or {}
+    unknown = set(given) - {s.name for s in declared}
+    if unknown:
+        raise EdgepackError(f"--input-shape names {', '.join(sorted(unknown))}, but {path} has inputs "
+                            f"{', '.join(s.name for s in declared)}")
+    batchable = all(isinstance(s.shape[0], str) for s in declared if s.shape)
+    specs = []
+    for s in declared:
+        shape = _onnx_shape(path, s, given.get(s.name), data, batchable)
+        dtype = input_dtype.get(s.name, s.dtype)
+        if dtype != s.dtype:
+            raise EdgepackError(f"--input-dtype {s.name}={dtype}, but {path} declares {s.dtype}")
+        specs.append(TensorSpec(name=s.name, shape=list(shape), dtype=s.dtype))
+    return LoadedModel("onnx", path.stem, specs, outputs, onnx_path=path, source=str(path),
+                       batchable=batchable, declared=declared)
 
 
-def _load_onnx(path: Path, shape) -> LoadedModel:
-    if not path.exists():
-        raise EdgepackError(f"model file {path} does not exist")
-    try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        raise EdgepackError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                            "re-export it, or check that the file was copied completely") from e
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise EdgepackError(f"{path} has {len(inputs)} inputs; edgepack handles single-input models")
-    dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
-    if shape is None:
-        if any(d is None for d in dims[1:]):
-            raise EdgepackError(f"{path} has a dynamic input shape {dims}", "pass --input-shape")
-        shape = (1, *dims[1:])
-    elif len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], shape[1:])):
-        raise EdgepackError(f"input shape {'x'.join(map(str, shape))} does not match {path}'s input {dims}",
-                            "pass the shape the ONNX model declares, or omit --input-shape")
-    return LoadedModel("onnx", path.stem, tuple(shape), onnx_path=path, input_name=inputs[0].name,
-                       source=str(path))
+def _onnx_shape(path: Path, s: TensorSpec, given, data: Dataset | None, batchable: bool) -> tuple:
+    dims = s.shape
+    if given is not None:
+        shape = tuple(int(d) for d in given)
+        if len(shape) != len(dims) or any(isinstance(d, int) and d != g for d, g in zip(dims, shape)):
+            raise EdgepackError(f"--input-shape {s.name}={'x'.join(map(str, shape))} does not fit {path}'s "
+                                f"input {s.name} {dims}", "give a size for each dynamic dimension and keep the fixed ones")
+        return shape
+    arr = None if data is None else data.inputs.get(s.name, next(iter(data.inputs.values())) if len(data.inputs) == 1 else None)
+    if arr is not None:
+        sample = tuple(arr.shape[1:])
+        shape = sample if not batchable and len(sample) == len(dims) else (1, *sample)
+        if len(shape) == len(dims) and all(not isinstance(d, int) or d == g for d, g in zip(dims, shape)):
+            return shape
+    if all(isinstance(d, int) for d in dims[1:]) and (isinstance(dims[0], int) or batchable):
+        return (dims[0] if isinstance(dims[0], int) else 1, *dims[1:])
+    raise EdgepackError(f"{path}: input {s.name} has dynamic dimensions {dims}; edgepack validates and times "
+                        "only at a shape you give", f"pass --input-shape {s.name}=" +
+                        "x".join(str(d if isinstance(d, int) else (1 if i == 0 else 'N')) for i, d in enumerate(dims)) +
+                        " with sizes for the named dimensions, or calibration data of that shape")
 
+
+def load_build_data(model: LoadedModel, cfg: Config, pre: Preprocess, raw: Dataset | None) -> BuildData:
+    specs = model.sample_specs()
+    calib = _conform(raw, specs, "calibration data") if raw is not None else \
+        load_dataset(cfg.calib, specs, pre, "calibration data")
+    _finite(calib, "calibration data")
+    evals = load_dataset(cfg.eval, specs, pre, "evaluation data") if cfg.eval else calib
+    _finite(evals, "evaluation data")
+    notes = {"calibration": calib.source, "calibration_samples": len(calib),
+             "evaluation": evals.source, "eval_is_calibration": not cfg.eval, "labelled": evals.labelled}
+    if cfg.choose_samples and len(evals) >= 60:  # enough to give both roles a useful share
+        n = min(cfg.choose_samples, len(evals) // 3)
+        choose, report = evals.split(n, seed=SPLIT_SEED)
+        notes.update(choose_samples=len(choose), report_samples=len(report),
+                     split=f"seeded split (seed {SPLIT_SEED}) of the evaluation data: {len(choose)} samples "
+                           f"choose (fallback node count, early stop), the other {len(report)} give the figures")
+    else:
+        choose = report = evals
+        notes.update(choose_samples=len(evals), report_samples=len(evals),
+                     split=f"only {len(evals)} evaluation samples: the same samples choose and report")
+    train = load_dataset(cfg.train, specs, pre, "training data") if cfg.train else None
+    return BuildData(calib, choose, report, train, notes)
+
+
+def _conform(raw: Dataset, specs: list[TensorSpec], what: str) -> Dataset:
+    if len(specs) == 1 and len(raw.inputs) == 1 and specs[0].name not in raw.inputs:
+        raw = Dataset({specs[0].name: next(iter(raw.inputs.values()))}, raw.y, raw.source, raw.classes)
+    return conform(raw, specs, what)
+
+
+def _finite(ds: Dataset, what: str) -> None:
+    bad = ds.nonfinite_count()
+    if bad:
+        raise EdgepackError(f"{what} {ds.source} has NaN/Inf values in {bad} of {len(ds)} samples",
+                            "clean or drop those samples; int8 ranges computed from them would be garbage")
 

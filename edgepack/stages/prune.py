@@ -1,12 +1,14 @@
-"""The pruning stage inside `edgepack build`: options -> edgepack.prune -> a smaller LoadedModel."""
+"""Stage `prune`: structured channel pruning with distillation fine-tuning (edgepack.prune),
+before export; the build goes on with the smaller model."""
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import BuildConfig
 from ..errors import EdgepackError
-from .load import LoadedModel
-from ..targets import TargetProfile
+from ..prune import UnprunableModel, make_config, run_prune_stage
+from .context import BuildContext
+
+NAME = "prune"
 
 # Build-level shorthands (CLI flags and [prune] keys) that belong to the fine-tuning schedule.
 _FINETUNE_KEYS = {"epochs": "epochs", "distill": "distill", "lr": "lr", "temperature": "temperature",
@@ -14,7 +16,6 @@ _FINETUNE_KEYS = {"epochs": "epochs", "distill": "distill", "lr": "lr", "tempera
 
 
 def prune_config(options: dict):
-    from ..prune import make_config
     opts = dict(options)
     opts.pop("allow_unpruned", None)
     finetune = dict(opts.pop("finetune", {}) or {})
@@ -24,14 +25,21 @@ def prune_config(options: dict):
     return make_config(**opts, finetune=finetune)
 
 
-def prune(loaded: LoadedModel, cfg: BuildConfig, profile: TargetProfile, data: dict, say):
-    """Returns (loaded model with the pruned module, stage record, report section)."""
-    from ..prune import UnprunableModel, run_prune_stage
-    pcfg = prune_config(cfg.prune)
+def config(ctx: BuildContext):
+    """The pruning options (edgepack.prune.PruneConfig); None when the build does not prune."""
+    if ctx.model.kind != "torch" or not ctx.cfg.prune:
+        return None
+    pcfg = prune_config(ctx.cfg.prune)
     if not pcfg.enabled:
         raise EdgepackError("pruning options were given without a goal",
                             "add --prune R (0 < R < 1) or --prune-to-latency, or ratio = R under [prune]")
-    train, evals = data.get("train"), data["eval"]
+    return pcfg
+
+
+def run(ctx: BuildContext, pcfg) -> dict:
+    """Prunes ctx.model in place (a new module) and returns the stage record."""
+    loaded, say, profile = ctx.model, ctx.say, ctx.profile
+    train, choose = ctx.data.train, ctx.data.choose
     if train is None:
         say("warning: no --train data: pruning without fine-tuning, accuracy will drop")
 
@@ -45,13 +53,16 @@ def prune(loaded: LoadedModel, cfg: BuildConfig, profile: TargetProfile, data: d
     say(f"pruning channels to {goal} ({pcfg.importance} importance, round to {pcfg.round_to or profile.simd_width})")
     try:
         module, record = run_prune_stage(loaded.module, loaded.example_inputs(), pcfg, profile,
-                                         train=train, eval=evals, progress=progress)
+                                         train=train, eval=choose, progress=progress)
     except UnprunableModel as e:
-        if not cfg.prune.get("allow_unpruned"):
+        if not ctx.cfg.prune.get("allow_unpruned"):
             raise EdgepackError(f"{e.message} (pass --allow-unpruned to build the unpruned model instead)", e.hint) from e
         say(f"warning: {e.message}; going on unpruned as allowed")
-        return loaded, {"skipped": e.message}, f"## Pruning\n\nSkipped: {e.message}\n"
+        ctx.sections[NAME] = f"## Pruning\n\nSkipped: {e.message}\n"
+        return {"skipped": e.message}
     if record is None:
-        return loaded, {"skipped": "no pruning goal"}, ""
+        return {"skipped": "no pruning goal"}
     say(f"pruned: MACs {record.macs_before:,} -> {record.macs_after:,} ({record.macs_reduction:.2f}x fewer)")
-    return replace(loaded, module=module.eval()), record.to_dict(), record.markdown()
+    ctx.model = replace(loaded, module=module.eval())
+    ctx.sections[NAME] = record.markdown()
+    return {**record.to_dict(), "early_stop_on": f"{len(choose)} choosing samples"}

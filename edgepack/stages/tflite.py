@@ -1,79 +1,105 @@
-"""The TFLite stage inside `edgepack build`: convert (fp32, int8), check, and list the artifacts."""
+"""Stage `tflite`: `model.fp32.tflite` and full-integer `model.int8.tflite` with litert-torch,
+checked against PyTorch on every output. Cached by content (weights, shapes, layout, calibration).
+
+A model given as ONNX has no PyTorch graph to convert: on a TFLite target its ONNX int8 artifact
+is the one judged (ONNX Runtime runs on the Pi and on Android), and the report says so.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import BaseModel
 
-import numpy as np
-
-from ..data import Dataset
+from .. import tflite
+from ..cache import hash_module
 from ..errors import EdgepackError
-from ..onnx_tools.export import check_parity
-from .load import LoadedModel
 from ..manifest import TensorSpec
-from ..targets import TargetProfile
-from .validate import quality
+from ..onnx_tools.export import FlatOutputs, check_parity
+from .context import BuildContext
+from .infer import predict
 
+NAME = "tflite"
+FP32, INT8 = "model.fp32.tflite", "model.int8.tflite"
 MAX_CALIB = 128  # PT2E calibration is slow (FACTS.md: 64 samples took 86-123 s on ResNet-18)
+ONNX_INPUT_NOTE = ("the model was given as ONNX, which litert-torch cannot convert: the ONNX int8 artifact "
+                   "is judged on this target instead (ONNX Runtime runs on the Pi and on Android)")
 
 
-def build_tflite(tmp: Path, loaded: LoadedModel, profile: TargetProfile, calib: Dataset, evals: Dataset,
-                 torch_ref: np.ndarray | None, say):
-    """Returns (artifacts, stage record, report section). With `tflite_optional` in the profile a
-    failed conversion keeps the ONNX artifacts and is reported instead of failing the build."""
-    from .. import tflite
-    from ..pipeline import _artifact
+class Config(BaseModel):
+    layout: str
+    calibration_samples: int
+    optional: bool
+    inputs: list[dict]
+
+
+def config(ctx: BuildContext) -> Config | None:
+    if "tflite" not in ctx.profile.formats:
+        return None
+    if ctx.model.kind != "torch":
+        ctx.say(f"note: no TFLite artifacts: {ONNX_INPUT_NOTE}")
+        ctx.records[NAME] = {"skipped": ONNX_INPUT_NOTE}
+        ctx.sections[NAME] = f"## TFLite\n\nNot produced: {ONNX_INPUT_NOTE}.\n"
+        return None
+    n_cal = min(len(ctx.data.calib), ctx.profile.quantization.calibration_samples, MAX_CALIB)
+    return Config(layout=ctx.profile.layout, calibration_samples=n_cal, optional=ctx.profile.tflite_optional,
+                  inputs=[s.model_dump() for s in ctx.model.inputs])
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    m = ctx.model
+    calib = ctx.data.calib.sample(cfg.calibration_samples, seed=0)
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), blobs=[hash_module(m.module)], data=calib.fingerprint(),
+                        versions=ctx.versions)
     try:
-        tflite.require_litert_torch()
-        tflite.require_torch_model(loaded.module, loaded.source)
-        layout, threads = profile.layout, profile.threads
-        fp32, int8 = tmp / "model.fp32.tflite", tmp / "model.int8.tflite"
-        say(f"converting to TFLite fp32 with litert-torch ({layout})")
-        rec32 = tflite.convert_fp32(loaded.module, loaded.example_inputs(), fp32, layout)
-        out32 = tflite.run_tflite(fp32, evals.x, layout, threads)
-        parity = check_parity(torch_ref, out32, "TFLite fp32") if torch_ref is not None else None
-        n_cal = min(len(calib), profile.quantization.calibration_samples, MAX_CALIB)
-        say(f"converting to TFLite int8 (PT2E static, {n_cal} calibration samples)")
-        rec8 = tflite.convert_int8(loaded.module, loaded.example_inputs(), calib, int8, layout, num_calib=n_cal)
-        out8 = tflite.run_tflite(int8, evals.x, layout, threads)
+        stage = ctx.restore(NAME, key)
+        if stage is None:
+            stage = _convert(ctx, cfg, calib)
+            ctx.store(NAME, key, {FP32: ctx.work / FP32, INT8: ctx.work / INT8}, stage)
+        out32 = predict(ctx.work / FP32, m, ctx.data.report, ctx.profile.threads, cfg.layout)
+        out8 = predict(ctx.work / INT8, m, ctx.data.report, ctx.profile.threads, cfg.layout)
+        stage["parity"] = check_parity(ctx.reference, out32, "TFLite fp32", names=m.outputs)
     except EdgepackError as e:
-        if not profile.tflite_optional:
+        if not cfg.optional:
             raise
-        for f in ("model.fp32.tflite", "model.int8.tflite"):
-            (tmp / f).unlink(missing_ok=True)
-        say(f"warning: no TFLite artifacts ({e.message}); the profile marks TFLite optional")
-        return [], {"skipped": e.message}, f"## TFLite\n\nNot produced: {e.message}\n"
-    artifacts = []
-    for path, rec, q in ((fp32, rec32, quality(out32, evals, None)), (int8, rec8, quality(out8, evals, out32))):
-        specs = ([TensorSpec(**s) for s in rec["inputs"]], [TensorSpec(**s) for s in rec["outputs"]])
-        a = _artifact(tmp, path, "tflite", rec["precision"], q, layout, specs)
-        if rec["float_ops"]:
-            a.notes.append(f"{len(rec['float_ops'])} float op(s) left in the int8 graph: "
-                           + ", ".join(sorted(set(rec["float_ops"]))))
-        artifacts.append(a)
-    drop = (artifacts[0].metrics.accuracy or 0) - (artifacts[1].metrics.accuracy or 0) if evals.labelled else None
-    agreement = artifacts[1].metrics.agreement
-    say("TFLite int8: " + (f"agreement with TFLite fp32 {agreement:.2f}%" if agreement is not None else
-                           f"cosine with TFLite fp32 {artifacts[1].metrics.cosine:.5f}")
-        + (f", accuracy drop {drop:.2f} points" if drop is not None else ""))
+        for f in (FP32, INT8):
+            (ctx.work / f).unlink(missing_ok=True)
+        ctx.say(f"warning: no TFLite artifacts ({e.message}); the profile marks TFLite optional")
+        ctx.sections[NAME] = f"## TFLite\n\nNot produced: {e.message}\n"
+        return {"skipped": e.message}
+    ctx.outputs[FP32], ctx.outputs[INT8] = out32, out8
+    ctx.sections[NAME] = _section(stage)
+    return stage
+
+
+def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
+    m, module = ctx.model, FlatOutputs(ctx.model.module).eval()
+    tflite.require_litert_torch()
+    ctx.say(f"converting to TFLite fp32 with litert-torch ({cfg.layout})")
+    rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout)
+    ctx.say(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)")
+    rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout, num_calib=len(calib))
     keep = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
             "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",
-            "converter", "layout")
-    stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
-             "parity": parity, "calibration_samples": n_cal, "scheme": tflite.INT8_SCHEME}
-    return artifacts, stage, _section(stage, artifacts)
+            "converter", "layout", "inputs", "outputs", "output_order")
+    return {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
+            "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
 
 
-def _section(stage: dict, artifacts) -> str:
+def specs(stage: dict, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    rec = stage[precision]
+    return [TensorSpec(**s) for s in rec["inputs"]], [TensorSpec(**s) for s in rec["outputs"]]
+
+
+def _section(stage: dict) -> str:
+    from ..report import table
     lines = ["## TFLite", "", f"Converted with {stage['int8']['converter']}; int8 scheme: {stage['scheme']}, "
              f"{stage['calibration_samples']} calibration samples.", ""]
-    p = stage["parity"]
+    p = stage.get("parity")
     if p:
         lines += [f"TFLite fp32 vs PyTorch: max abs diff {p['max_abs_diff']:.3g}, cosine {p['cosine']:.6f}.", ""]
-    lines += ["| artifact | layout | convert s | ops | QUANTIZE | DEQUANTIZE | float ops left in graph |",
-              "|---|---|---|---|---|---|---|"]
-    for a, key in zip(artifacts, ("fp32", "int8")):
+    rows = []
+    for path, key in ((FP32, "fp32"), (INT8, "int8")):
         r = stage[key]
         floats = ", ".join(f"{k} x{v}" for k, v in (r["float_op_counts"] or {}).items()) or "-"
-        lines.append(f"| {a.path} | {r['layout']} | {r['seconds']:.1f} | {r['num_ops']} | {r['quantize_ops']} "
-                     f"| {r['dequantize_ops']} | {floats if key == 'int8' else 'n/a (float model)'} |")
+        rows.append([path, r["layout"], f"{r['seconds']:.1f}", r["num_ops"], r["quantize_ops"], r["dequantize_ops"],
+                     floats if key == "int8" else "n/a (float model)"])
+    lines.append(table(["artifact", "layout", "convert s", "ops", "QUANTIZE", "DEQUANTIZE", "float ops left in graph"], rows))
     return "\n".join(lines) + "\n"

@@ -1,4 +1,6 @@
-"""Stage 4: accuracy (or agreement), size and local latency/memory, judged against budgets."""
+"""Stage `validate`: every artifact's quality on the reporting samples (top-1, the user metric,
+per-output SQNR/cosine/max abs diff against the float model), its size, and its latency and
+peak memory measured in a fresh process at exactly the input shapes the build was given."""
 from __future__ import annotations
 
 import json
@@ -7,38 +9,89 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import onnx
+from pydantic import BaseModel
 
 from .. import runtime
-from ..data import Dataset
 from ..errors import EdgepackError
-from ..onnx_tools.export import compare_outputs
-from ..manifest import LatencyMs, Verdict
-from ..targets import Budgets
+from ..hashing import sha256_file
+from ..manifest import Artifact, ArtifactMetrics, LatencyMs, TensorSpec
+from ..quality import measure
+from . import tflite as tflite_stage
+from .context import BuildContext
+
+NAME = "validate"
 
 
-def predict(runner: runtime.Runner, data: Dataset, batch_size: int = 64) -> np.ndarray:
-    """First output of the model over the whole dataset (fixed-batch models are padded)."""
-    return runtime.run_batched(runner, [data.x], batch_size)[0]
+class Config(BaseModel):
+    threads: int
+    latency_runs: int
 
 
-def top1(outputs: np.ndarray, labels: np.ndarray) -> float:
-    return float((outputs.reshape(len(outputs), -1).argmax(1) == labels).mean() * 100)
+def config(ctx: BuildContext) -> Config:
+    return Config(threads=ctx.profile.threads, latency_runs=ctx.cfg.latency_runs)
 
 
-def quality(outputs: np.ndarray, data: Dataset, reference: np.ndarray | None) -> dict:
-    """accuracy on labels (if any) and agreement/max-abs-diff/cosine with the float reference."""
-    result: dict = {"accuracy": top1(outputs, data.y) if data.labelled else None}
-    if reference is not None:
-        cmp = compare_outputs(reference, outputs)
-        result.update(agreement=cmp["top1_agreement"], max_abs_diff=cmp["max_abs_diff"], cosine=cmp["cosine"])
-    return result
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    m, report = ctx.model, ctx.data.report
+    made = [("model.fp32.onnx", "onnx", "fp32"), ("model.int8.onnx", "onnx", "int8")]
+    if "int8" in (ctx.records.get("tflite") or {}):
+        made += [(tflite_stage.FP32, "tflite", "fp32"), (tflite_stage.INT8, "tflite", "int8")]
+    for path, fmt, precision in made:
+        ref = None if (fmt, precision) == ("onnx", "fp32") and m.kind == "onnx" else ctx.reference
+        q = measure(ctx.outputs[path], m.outputs, report.y, ref, ctx.metric)
+        if fmt == "tflite":
+            specs = tflite_stage.specs(ctx.records["tflite"], precision)
+            layout = ctx.profile.layout
+        else:
+            specs, layout = onnx_specs(ctx.work / path, m.outputs), "NCHW"
+        ctx.artifacts.append(artifact(ctx.work, ctx.work / path, fmt, precision, q, layout, specs))
+    shapes = {s.name: [int(d) for d in s.shape] for s in m.inputs}
+    ctx.say(f"measuring latency and memory ({cfg.threads} thread(s), {cfg.latency_runs} runs, "
+            f"inputs {', '.join(f'{n} {chr(120).join(map(str, s))}' for n, s in shapes.items())})")
+    for a in ctx.artifacts:
+        measured = measure_in_subprocess(ctx.work / a.path, cfg.threads, cfg.latency_runs,
+                                         shapes=None if a.format == "tflite" else shapes)
+        a.metrics.latency_ms = latency_record(measured)
+        a.notes.append(f"peak memory {measured['peak_rss_mb']:.1f} MB, load {measured['load_ms']:.0f} ms")
+        ctx.peak_mb[a.path] = measured["peak_rss_mb"]
+    ctx.sections["peak_mb"] = ctx.peak_mb
+    return {"samples": len(report), "timed_shapes": shapes,
+            "dynamic_artifacts": [a.path for a in ctx.artifacts if _dynamic(a.inputs)]}
+
+
+def artifact(root: Path, path: Path, fmt: str, precision: str, q: dict, layout: str,
+             specs: tuple[list[TensorSpec], list[TensorSpec]]) -> Artifact:
+    size = path.stat().st_size
+    metrics = ArtifactMetrics(size_mb=round(size / 1e6, 4),
+                              **{k: q.get(k) for k in ("accuracy", "agreement", "metric", "max_abs_diff", "cosine",
+                                                       "sqnr_db", "outputs", "samples")})
+    return Artifact(path=path.relative_to(root).as_posix(), format=fmt, precision=precision, sha256=sha256_file(path),
+                    size_bytes=size, layout=layout, inputs=specs[0], outputs=specs[1], metrics=metrics)
+
+
+def onnx_specs(path: Path, output_names: list[str] | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """An ONNX file's own input/output specs; symbolic dims keep their names (the artifact stays dynamic)."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+
+    def spec(v, image_layout: bool):
+        dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+        return TensorSpec(name=v.name, shape=dims, dtype=dtype, layout="NCHW" if image_layout and len(dims) == 4 else None)
+    return [spec(v, True) for v in g.input if v.name not in inits], [spec(v, False) for v in g.output]
+
+
+def _dynamic(specs: list[TensorSpec]) -> bool:
+    return any(isinstance(d, str) for s in specs for d in s.shape[1:])
 
 
 def measure_in_subprocess(path: Path, threads: int, runs: int = 50, warmup: int = 10,
-                          timeout_s: float = 600) -> dict:
+                          timeout_s: float = 600, shapes: dict | None = None) -> dict:
     """Latency and peak memory of one artifact, in a fresh process (as a device would run it)."""
     cmd = [sys.executable, str(Path(runtime.__file__)), str(path), str(threads), str(warmup), str(runs)]
+    if shapes:
+        cmd.append(json.dumps(shapes))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
@@ -54,33 +107,4 @@ def latency_record(measured: dict) -> LatencyMs:
     lat = measured["latency_ms"]
     return LatencyMs(p50=round(lat["p50"], 4), p90=round(lat["p90"], 4), p99=round(lat["p99"], 4),
                      mean=round(lat["mean"], 4), runs=lat["runs"], threads=measured["threads"],
-                     measured_on=measured.get("machine"))
-
-
-def judge(budgets: Budgets, target_arch: str, artifact: str, size_mb: float,
-          latency: LatencyMs | None, peak_mb: float | None, accuracy_drop: float | None,
-          emulated: bool = False, judged_elsewhere: str | None = None) -> list[Verdict]:
-    """One verdict per budget. Speed and memory are judged only when measured on the target's
-    architecture (and not under emulation); size and accuracy are judged everywhere.
-    `judged_elsewhere`: what the note says instead of "judge on the device with --device"."""
-    on_target = latency is not None and latency.measured_on == target_arch and not emulated
-    why_not = ("emulated device: latency not judged" if emulated else
-               f"measured on {latency.measured_on if latency else '?'}, target is {target_arch}: "
-               f"{judged_elsewhere or 'judge on the device with --device'}")
-
-    def verdict(name, limit, value, judged=True):
-        if limit is None:
-            return Verdict(budget=name, limit=None, value=value, ok=None, artifact=artifact, note="no budget")
-        if value is None:
-            return Verdict(budget=name, limit=limit, value=None, ok=None, artifact=artifact, note="not measured")
-        if not judged:
-            return Verdict(budget=name, limit=limit, value=round(value, 3), ok=None, artifact=artifact, note=why_not)
-        return Verdict(budget=name, limit=limit, value=round(value, 3), ok=value <= limit, artifact=artifact)
-
-    return [
-        verdict("latency_p50_ms", budgets.latency_p50_ms, latency.p50 if latency else None, on_target),
-        verdict("latency_p90_ms", budgets.latency_p90_ms, latency.p90 if latency else None, on_target),
-        verdict("peak_memory_mb", budgets.peak_memory_mb, peak_mb, on_target),
-        verdict("size_mb", budgets.size_mb, size_mb),
-        verdict("max_accuracy_drop", budgets.max_accuracy_drop, accuracy_drop),
-    ]
+                     measured_on=measured.get("machine"), input_shapes=measured.get("input_shapes"))

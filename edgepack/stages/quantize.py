@@ -1,0 +1,130 @@
+"""Stage `quantize`: static int8 (ONNX Runtime, QDQ) and the accuracy-aware fallback.
+
+If the int8 model misses a quality budget on the samples set aside to choose with, each
+weighted node is ranked by the SQNR it loses and the 1, 2, 4, ... most sensitive are left in
+float until the budgets hold (at most `max_float_nodes`). Cached by content: the fp32 file, the
+scheme, the calibration and choosing data, and the quality budgets the fallback aims at.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..data import Dataset
+from ..hashing import sha256_file
+from ..onnx_tools.quantize import node_sensitivity, preprocess, quantize_onnx
+from ..onnx_tools.inspect import float_nodes
+from ..quality import drop, measure
+from ..targets import Quantization
+from .context import BuildContext
+from .export import FILE as FP32
+from .infer import predict_onnx
+
+NAME = "quantize"
+FILE = "model.int8.onnx"
+
+
+class Config(BaseModel):
+    scheme: Quantization
+    fallback: bool = True
+    max_float_nodes: int = 8
+    max_accuracy_drop: float | None = None
+    min_sqnr_db: float | None = None
+
+
+def config(ctx: BuildContext) -> Config:
+    b = ctx.profile.budgets
+    return Config(scheme=ctx.profile.quantization, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
+                  max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db)
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    fp32, int8 = ctx.work / FP32, ctx.work / FILE
+    d = ctx.data
+    metric_file = [Path(ctx.metric[0].rpartition(":")[0])] if ctx.metric and ctx.metric[0].rpartition(":")[0].endswith(".py") else []
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), files=[fp32, *metric_file],
+                        data=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}", versions=ctx.versions,
+                        blobs=[ctx.metric[0] if ctx.metric else ""])
+    record = ctx.restore(NAME, key)
+    if record is None:
+        q = cfg.scheme
+        ctx.say(f"quantizing to int8 ({q.activation_type} activations, {q.weight_type} weights, "
+                f"{q.calibration_method} calibration on {min(len(d.calib), q.calibration_samples)} samples)")
+        pre = preprocess(fp32, ctx.work / ".pre.onnx")
+        try:
+            record = quantize_onnx(fp32, int8, d.calib, q, ctx.profile.threads, preprocessed=pre)
+            if cfg.fallback:
+                fallback = _fallback(ctx, cfg, fp32, pre, int8)
+                if fallback:
+                    record["fallback"] = fallback
+        finally:
+            pre.unlink(missing_ok=True)
+        record["float_nodes"] = float_nodes(int8)
+        ctx.store(NAME, key, {FILE: int8}, record)
+    if record.get("fallback"):
+        ctx.records["fallback"] = record["fallback"]
+    ctx.outputs[FILE] = predict_onnx(ctx, int8)
+    return record
+
+
+def _quality(ctx: BuildContext, path: Path, reference: list) -> dict:
+    m, choose = ctx.model, ctx.data.choose
+    return measure(predict_onnx(ctx, path, choose), m.outputs, choose.y, reference, ctx.metric)
+
+
+def _misses(cfg: Config, ref: dict, q: dict) -> tuple[bool, float | None]:
+    """Whether the int8 figures on the choosing samples miss a quality budget, and the drop."""
+    value, _ = drop(ref, q)
+    missed = (cfg.max_accuracy_drop is not None and value is not None and value > cfg.max_accuracy_drop) or \
+             (cfg.min_sqnr_db is not None and q.get("sqnr_db", float("inf")) < cfg.min_sqnr_db)
+    return missed, value
+
+
+def _fallback(ctx: BuildContext, cfg: Config, fp32: Path, pre: Path, int8: Path) -> dict | None:
+    """Leave the most sensitive nodes in float, 1, 2, 4... of them, until the budgets hold."""
+    choose: Dataset = ctx.data.choose
+    reference = predict_onnx(ctx, fp32, choose)
+    ref = measure(reference, ctx.model.outputs, choose.y, reference, ctx.metric)
+    q = _quality(ctx, int8, reference)
+    missed, first = _misses(cfg, ref, q)
+    if not missed or cfg.max_float_nodes == 0:
+        return None
+    ctx.say(f"int8 misses a quality budget on {len(choose)} choosing samples (drop {first}, "
+            f"SQNR {q.get('sqnr_db')} dB): ranking nodes by int8 sensitivity")
+    ranking = node_sensitivity(pre, int8, ctx.data.calib)
+    record = {"initial_drop": _round(first), "initial_sqnr_db": q.get("sqnr_db"), "ranking": ranking[:15],
+              "tried": [], "applies_to": "the ONNX int8 artifact", "chosen_on": f"{len(choose)} choosing samples"}
+    best, best_score, met = None, (first if first is not None else -q.get("sqnr_db", 0)), False
+    cap = min(cfg.max_float_nodes, len(ranking))
+    cand = int8.with_name(".fallback.int8.onnx")
+    try:
+        for k in sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)} - {0}):  # 1, 2, 4, ..., cap
+            excluded = [r["node"] for r in ranking[:k]]
+            quantize_onnx(fp32, cand, ctx.data.calib, cfg.scheme, ctx.profile.threads, excluded, preprocessed=pre)
+            qk = _quality(ctx, cand, reference)
+            missed, value = _misses(cfg, ref, qk)
+            record["tried"].append({"float_nodes": k, "drop": _round(value), "sqnr_db": qk.get("sqnr_db")})
+            ctx.say(f"  {k} node(s) in float: drop {_round(value)}, SQNR {qk.get('sqnr_db')} dB")
+            score = value if value is not None else -qk.get("sqnr_db", 0)
+            if score < best_score or not missed:
+                cand.replace(int8)
+                best, best_score = (excluded, value, qk.get("sqnr_db")), score
+            if not missed:
+                met = True
+                break
+    finally:
+        cand.unlink(missing_ok=True)
+    record["float_nodes"] = best[0] if best else []
+    record["final_drop"] = _round(best[1]) if best else record["initial_drop"]
+    record["final_sqnr_db"] = best[2] if best else record["initial_sqnr_db"]
+    record["met_budget"] = met
+    return record
+
+
+def _round(v):
+    return None if v is None else round(float(v), 3)
+
+
+def fp32_hash(ctx: BuildContext) -> str:
+    return sha256_file(ctx.work / FP32)

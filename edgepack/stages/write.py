@@ -1,0 +1,48 @@
+"""Stage `write`: `manifest.json` and `report.md` in the staging directory (the pipeline then
+renames it into place, so a failed build never replaces a good one)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel
+
+from .. import __version__
+from ..manifest import MANIFEST, Manifest, write_json_atomic
+from ..report import write_report
+from .context import BuildContext
+
+NAME = "write"
+
+
+class Config(BaseModel):
+    name: str
+    config_hash: str
+
+
+def config(ctx: BuildContext) -> Config:
+    return Config(name=ctx.name, config_hash=ctx.cfg.fingerprint())
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    d, m = ctx.data, ctx.model
+    stages = {k: v for k, v in ctx.records.items() if k not in ("write",)}
+    stages["data"] = {**d.notes, "evaluation_samples": len(d.report),
+                      "classes_in_calibration": _classes(d.calib.sample(ctx.profile.quantization.calibration_samples, seed=0))}
+    stages["cache"] = {"reused": list(ctx.reused)}
+    manifest = Manifest(
+        edgepack_version=__version__, name=cfg.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        target=ctx.profile.model_dump(mode="json"), inputs=m.inputs,
+        outputs=ctx.artifacts[0].outputs, artifacts=ctx.artifacts, primary=ctx.primary, verdicts=ctx.verdicts,
+        passed=all(v.ok is not False for v in ctx.verdicts), stages=stages, versions=ctx.versions,
+        config_hash=cfg.config_hash,
+        data_hash=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}-{d.report.fingerprint()}")
+    write_json_atomic(ctx.work / MANIFEST, manifest)
+    write_report(ctx.work, manifest, ctx.sections)
+    ctx.manifest = manifest
+    return {"files": [MANIFEST, "report.md"]}
+
+
+def _classes(ds) -> int | None:
+    """How many distinct classes the calibration sample covers (None: no class labels)."""
+    import numpy as np
+    return int(len(np.unique(ds.y))) if ds.y is not None and np.asarray(ds.y).ndim == 1 else None
