@@ -1,5 +1,5 @@
 """edgepack: prune, export, quantize, validate, deploy and benchmark models for edge devices."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 __all__ = ["build", "BuildConfig", "EdgepackError"]
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
-from . import __version__
+from .version import __version__
 from .errors import EdgepackError
 from .hashing import sha256_bytes, sha256_file
 

@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, example
+from . import example
+from .version import __version__
 from .cache import StageCache
 from .config import BuildConfig
 from .manifest import Manifest

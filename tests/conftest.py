@@ -34,6 +34,19 @@ MYNET = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_stage_cache(tmp_path_factory):
+    """Tests never read or fill the user's own stage cache (~/.cache/edgepack)."""
+    import os
+    old = os.environ.get("EDGEPACK_CACHE_DIR")
+    os.environ["EDGEPACK_CACHE_DIR"] = str(tmp_path_factory.mktemp("stage-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEPACK_CACHE_DIR", None)
+    else:
+        os.environ["EDGEPACK_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def user_model(tmp_path_factory) -> dict:
     """mynet.py:build + mynet.safetensors + calib.npz/val.npz, input 1x3x16x16, 4 classes."""

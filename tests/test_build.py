@@ -32,7 +32,7 @@ def test_default_build_writes_the_contract(default_build):
         assert a.size_bytes == (path / a.path).stat().st_size
         assert a.metrics.latency_ms.p50 > 0 and a.metrics.latency_ms.p90 >= a.metrics.latency_ms.p50
     assert {v.budget for v in m.verdicts} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb",
-                                               "size_mb", "max_accuracy_drop"}
+                                               "size_mb", "max_accuracy_drop", "min_sqnr_db"}
     assert m.versions["onnxruntime"] and m.config_hash and m.data_hash
     assert "PASS" in stdout and "budgets" in stdout and "quantizing to int8" in err
 
@@ -99,7 +99,7 @@ def test_onnx_input_skips_torch_stages(user_model, tmp_path):
                            "--eval", user_model["eval"], "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5")
     assert code == 0, err
     m = read_manifest(tmp_path / "d" / "mynet-x86")
-    assert m.stages["export"] == {"skipped": "input is already ONNX"}
+    assert m.stages["export"]["skipped"] == "input is already ONNX"
     assert m.artifact("model.int8.onnx").metrics.accuracy >= 90
 
 
@@ -148,7 +148,7 @@ def test_off_target_latency_is_not_judged(user_model, tmp_path):
 def test_off_target_note_names_the_device_that_judges():
     from edgepack.manifest import LatencyMs
     from edgepack.targets import load_profile
-    from edgepack.stages.validate import judge
+    from edgepack.stages.judge import judge
     lat = LatencyMs(p50=1.0, p90=1.2, p99=1.5, mean=1.1, runs=5, threads=4, measured_on="x86_64")
     verdicts = judge(load_profile("rpi").budgets, "aarch64", "m.onnx", 1.0, lat, 10.0, 0.0,
                      judged_elsewhere="judged on device pi4 (see the device results)")

@@ -46,7 +46,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
             record = {"opset": cfg.opset}
         else:
             ctx.say(f"preparing {m.onnx_path.name} for int8 (opset, external data, fp16)")
-            record = {"skipped": "input is already ONNX", "prepared": prepare_onnx(m.onnx_path, out)}
+            shapes = {s.name: [int(d) for d in s.shape] for s in m.inputs}
+            record = {"skipped": "input is already ONNX", "prepared": prepare_onnx(m.onnx_path, out, shapes=shapes)}
         record.update(seconds=round(time.perf_counter() - t0, 2),
                       nodes=len(onnx.load(str(out), load_external_data=False).graph.node))
         ctx.store(NAME, key, {FILE: out}, record)

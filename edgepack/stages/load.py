@@ -121,8 +121,9 @@ def _probe(module, model: LoadedModel, spec: str) -> tuple[list[str], bool]:
         with torch.no_grad():
             out1 = flatten_outputs(module(*x1))
     except Exception as e:
-        shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))} {s.dtype}" for s in model.inputs)
-        raise EdgepackError(f"model {spec} rejects inputs {shapes}: {type(e).__name__}: "
+        shapes = ("input shape " + "x".join(map(str, model.inputs[0].shape)) if len(model.inputs) == 1 else
+                  "inputs " + ", ".join(f"{s.name}={'x'.join(map(str, s.shape))} {s.dtype}" for s in model.inputs))
+        raise EdgepackError(f"model {spec} rejects {shapes}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}",
                             "pass the shapes the model was trained on with --input-shape "
                             "(NAME=SHAPE per input) and integer inputs with --input-dtype NAME=int64") from e
@@ -159,7 +160,8 @@ def _onnx_model(path: Path, input_shape, input_dtype: dict, data: Dataset | None
         dtype = input_dtype.get(s.name, s.dtype)
         if dtype != s.dtype:
             raise EdgepackError(f"--input-dtype {s.name}={dtype}, but {path} declares {s.dtype}")
-        specs.append(TensorSpec(name=s.name, shape=list(shape), dtype=s.dtype))
+        # An fp16 file is turned to fp32 before int8 (onnx_tools.upgrade): its artifacts take float32.
+        specs.append(TensorSpec(name=s.name, shape=list(shape), dtype="float32" if s.dtype == "float16" else s.dtype))
     return LoadedModel("onnx", path.stem, specs, outputs, onnx_path=path, source=str(path),
                        batchable=batchable, declared=declared)
 
@@ -188,7 +190,7 @@ def _onnx_shape(path: Path, s: TensorSpec, given, data: Dataset | None, batchabl
 
 def load_build_data(model: LoadedModel, cfg: Config, pre: Preprocess, raw: Dataset | None) -> BuildData:
     specs = model.sample_specs()
-    calib = _conform(raw, specs, "calibration data") if raw is not None else \
+    calib = conform(raw, specs, "calibration data") if raw is not None else \
         load_dataset(cfg.calib, specs, pre, "calibration data")
     _finite(calib, "calibration data")
     evals = load_dataset(cfg.eval, specs, pre, "evaluation data") if cfg.eval else calib
@@ -207,12 +209,6 @@ def load_build_data(model: LoadedModel, cfg: Config, pre: Preprocess, raw: Datas
                      split=f"only {len(evals)} evaluation samples: the same samples choose and report")
     train = load_dataset(cfg.train, specs, pre, "training data") if cfg.train else None
     return BuildData(calib, choose, report, train, notes)
-
-
-def _conform(raw: Dataset, specs: list[TensorSpec], what: str) -> Dataset:
-    if len(specs) == 1 and len(raw.inputs) == 1 and specs[0].name not in raw.inputs:
-        raw = Dataset({specs[0].name: next(iter(raw.inputs.values()))}, raw.y, raw.source, raw.classes)
-    return conform(raw, specs, what)
 
 
 def _finite(ds: Dataset, what: str) -> None:

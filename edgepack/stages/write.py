@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import numpy as np
 from pydantic import BaseModel
 
-from .. import __version__
+from ..version import __version__
 from ..manifest import MANIFEST, Manifest, write_json_atomic
 from ..report import write_report
 from .context import BuildContext
@@ -31,7 +32,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     stages["cache"] = {"reused": list(ctx.reused)}
     manifest = Manifest(
         edgepack_version=__version__, name=cfg.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        target=ctx.profile.model_dump(mode="json"), inputs=m.inputs,
+        target=ctx.profile.model_dump(mode="json"), inputs=[_image_layout(s) for s in m.inputs],
         outputs=ctx.artifacts[0].outputs, artifacts=ctx.artifacts, primary=ctx.primary, verdicts=ctx.verdicts,
         passed=all(v.ok is not False for v in ctx.verdicts), stages=stages, versions=ctx.versions,
         config_hash=cfg.config_hash,
@@ -42,7 +43,13 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     return {"files": [MANIFEST, "report.md"]}
 
 
+def _image_layout(spec):
+    """4-D float inputs are images, NCHW as PyTorch takes them."""
+    if len(spec.shape) == 4 and spec.dtype.startswith("float") and spec.layout is None:
+        return spec.model_copy(update={"layout": "NCHW"})
+    return spec
+
+
 def _classes(ds) -> int | None:
     """How many distinct classes the calibration sample covers (None: no class labels)."""
-    import numpy as np
     return int(len(np.unique(ds.y))) if ds.y is not None and np.asarray(ds.y).ndim == 1 else None
