@@ -104,7 +104,7 @@ def onnx_pair(model, name, tmp: Path, calib, quantization):
 
 def onnx_accuracy(path, data) -> float:
     runner = open_model(path, 1)
-    preds = np.concatenate([runner.run([x])[0].argmax(1) for x, _ in data.batches(256)])
+    preds = np.concatenate([runner.run(xs)[0].argmax(1) for xs, _ in data.batches(256)])
     return float((preds == data.y).mean())
 
 

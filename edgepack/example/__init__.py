@@ -82,7 +82,7 @@ def train(epochs: int = 12, seed: int = 0) -> DigitsCNN:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * ((len(data) + 63) // 64))
     for epoch in range(epochs):
         model.train()
-        for xb, yb in data.batches(64, shuffle=True, seed=seed + epoch):
+        for (xb,), yb in data.batches(64, shuffle=True, seed=seed + epoch):
             loss = nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
             opt.zero_grad()
             loss.backward()
@@ -93,6 +93,6 @@ def train(epochs: int = 12, seed: int = 0) -> DigitsCNN:
 
 def accuracy(model: nn.Module, data: Dataset) -> float:
     with torch.no_grad():
-        pred = model(torch.from_numpy(data.x)).argmax(1).numpy()
+        pred = model(torch.from_numpy(np.asarray(data.x))).argmax(1).numpy()
     return float((pred == data.y).mean() * 100)
 
