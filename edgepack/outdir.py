@@ -1,18 +1,21 @@
 """The build directory's life cycle: a staging directory next to the final one, swapped in by
 rename, and clean-up of what a killed build (SIGKILL, power loss) left behind.
 
-A live staging directory holds an flock on its `.owner` file; the kernel drops the lock when
-the process dies, so a staging directory whose lock can be taken belongs to nobody.
+A live staging directory holds a lock (filelock's FileLock: an flock) on its `.owner` file; the
+kernel drops the lock when the process dies, so a staging directory whose lock can be taken
+belongs to nobody.
 """
 from __future__ import annotations
 
-import fcntl
 import os
+import secrets
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, lock_descriptor
 
 from .errors import EdgepackError
 
@@ -36,16 +39,28 @@ def staging_dir(final: Path):
     """A locked, empty directory beside `final`; removed on error, left for the caller to swap
     in with `replace_dir` on success."""
     remove_abandoned(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    owner = open(tmp / OWNER, "w")
+    tmp = _new_dir(final.parent, f".{final.name}.tmp-")
     try:
-        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield tmp
+        # The process holds it, not a thread: a build may finish in another thread than it began.
+        with FileLock(tmp / OWNER, timeout=0, thread_local=False):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        owner.close()
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new directory with a unique name. Unlike mkdtemp's 0700 it gets the mode the umask gives
+    (0755 under the usual 022): the build directory it becomes is read by other users and tools."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise EdgepackError(f"cannot create a staging directory in {parent}: every name tried exists",
+                        f"remove the {prefix}* directories there")
 
 
 def replace_dir(new: Path, final: Path) -> None:
@@ -87,19 +102,24 @@ def remove_abandoned(final: Path) -> list[Path]:
 
 
 def _abandoned(tmp: Path) -> bool:
+    # Opened, never created: FileLock(...).acquire() would create a missing `.owner`, and a
+    # live build unlinks its own just before renaming the directory into place.
     try:
-        with open(tmp / OWNER, "r") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when `f` closes
-            return True
-    except BlockingIOError:
-        return False  # a live build holds it
+        fd = os.open(tmp / OWNER, os.O_RDONLY)
     except FileNotFoundError:
-        try:  # no lock file: killed right after mkdtemp, or just renaming into place
+        try:  # no lock file: killed before taking its lock, or just renaming into place
             return time.time() - tmp.stat().st_mtime > UNLOCKED_GRACE_S
         except FileNotFoundError:
             return False
     except OSError:
         return False
+    try:
+        # The same flock FileLock takes; False: a live build holds it. Closing fd releases ours.
+        return lock_descriptor(fd, blocking=False)
+    except OSError:
+        return False  # a filesystem without flock: never guess that a build is dead
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

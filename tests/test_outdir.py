@@ -73,3 +73,17 @@ def test_unlocked_staging_dir_is_kept_while_young(tmp_path):
     old.mkdir()
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert remove_abandoned(final) == [old] and young.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_build_directory_gets_the_mode_the_umask_gives(tmp_path, umask):
+    """Not mkdtemp's 0700: other users and tools read a build directory, unless the umask says no."""
+    final = tmp_path / "net-x86"
+    old = os.umask(umask)
+    try:
+        with staging_dir(final) as tmp:
+            (tmp / "model.onnx").write_text("v1")
+            replace_dir(tmp, final)
+    finally:
+        os.umask(old)
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask
