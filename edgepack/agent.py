@@ -3,7 +3,8 @@
     python agent.py --manifest manifest.json --artifact model.int8.onnx --threads 4 --runs 100 --warmup 10
 
 Runs with the device's own Python. It imports nothing from edgepack: only the standard
-library, numpy, the model runtime and `runtime.py`, which is deployed next to this file.
+library, numpy, the model runtime, and `runtime.py` and `cpuinfo.py`, which are deployed next to
+this file (devices/deploy.py AGENT_FILES).
 Exit codes: 0 ok, 3 artifact/manifest integrity failure, 4 runtime missing, 5 other error,
 6 --timeout reached; the
 JSON object on stdout always says what happened ({"ok": false, "kind": ..., "error": ...}).
@@ -15,7 +16,10 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import time
+
+import cpuinfo  # the sibling cpuinfo.py, standard library only
 
 EXIT_INTEGRITY, EXIT_RUNTIME, EXIT_OTHER, EXIT_TIMEOUT = 3, 4, 5, 6
 
@@ -51,25 +55,14 @@ def proc_status_mb(field):
     return None
 
 
-def cpu_model():
-    text = read_text("/proc/cpuinfo") or ""
-    fields = {}
-    for line in text.splitlines():
-        if ":" in line:
-            k, v = line.split(":", 1)
-            fields.setdefault(k.strip(), v.strip())
-    # x86: "model name"; Raspberry Pi: "Model" (board) and "CPU part"; others: "Hardware".
-    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
-        if fields.get(key):
-            return fields[key]
-    return platform.processor() or None
-
-
 def environment(threads):
+    cpu = cpuinfo.read_cpuinfo()
     env = {
         "machine": platform.machine(), "system": platform.system(), "kernel": platform.release(),
         "hostname": platform.node(), "python": platform.python_version(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+        "cpu_model": cpu["model"], "cpu_core": cpu["core"], "cpu_count": os.cpu_count(),
+        # The ISA extensions int8 kernels dispatch on (AVX2, AVX-512, VNNI; NEON, dot product, i8mm).
+        "int8_flags": cpu["int8_flags"], "threads": threads,
     }
     try:
         env["cpus_allowed"] = len(os.sched_getaffinity(0))
@@ -162,7 +155,7 @@ def bench(args):
         raise AgentError("integrity", "artifact %s has sha256 %s but the manifest says %s: the file on the "
                          "device was modified or corrupted; refusing to load it" % (args.artifact, digest,
                                                                                   entry["sha256"]), EXIT_INTEGRITY)
-    try:
+    try:  # here, not at the top: a device without numpy or a runtime gets a JSON answer saying so
         import numpy as np
         import runtime
     except ImportError as e:
@@ -171,7 +164,6 @@ def bench(args):
     profile = args.profile and path.lower().endswith(".onnx")  # per-operator profiles: ORT only
     if profile:
         # ORT writes its trace into the working directory: use a private scratch dir.
-        import tempfile
         os.chdir(tempfile.mkdtemp(prefix="edgepack-profile-"))
     rss_before = proc_status_mb("VmRSS")
     t0 = time.perf_counter()

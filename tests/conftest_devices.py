@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 import sshd as sshd_mod
 from edgepack.devices.inventory import load_device_file
@@ -91,23 +92,9 @@ def build_dir(tmp_path):
 def write_device(dirpath: Path, name: str, **fields) -> Path:
     """Write a device toml; nested dict values become tables."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    lines, tables = [f'name = "{name}"'], []
-    for k, v in fields.items():
-        if isinstance(v, dict):
-            tables.append(f"[{k}]\n" + "\n".join(f"{kk} = {_toml(vv)}" for kk, vv in v.items()))
-        else:
-            lines.append(f"{k} = {_toml(v)}")
     path = dirpath / f"{name}.toml"
-    path.write_text("\n".join(lines + tables) + "\n")
+    path.write_text(tomli_w.dumps({"name": name, **fields}))
     return path
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def age_tree(path: Path, seconds: float) -> None:

@@ -14,6 +14,7 @@ from conftest_devices import (VENV_PYTHON, age_tree, build_dir, isolated_invento
                               replace_model_with_big_matmul, write_device)
 
 from edgepack.devices import DeviceError, bench, deploy, get_device, load_inventory, raise_if_failed  # noqa: E402
+from edgepack.cpuinfo import INT8_FLAGS  # noqa: E402
 from edgepack.devices.inventory import load_device_file  # noqa: E402
 from edgepack.errors import BudgetNotMet, EdgepackError  # noqa: E402
 from edgepack.manifest import read_manifest, sha256_file  # noqa: E402
@@ -85,18 +86,21 @@ def test_local_deploy_and_bench_end_to_end(tmp_path, build_dir):
     lat = r["latency_ms"]
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["runs"] == 20
     assert r["runtime"]["name"] == "onnxruntime" and r["env"]["machine"] == "x86_64" and r["env"]["threads"] == 1
+    host_flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert r["env"]["int8_flags"] == [f for f in INT8_FLAGS if f in host_flags]  # the host's, in order
     assert r["memory_mb"]["peak_rss"] > 10 and r["load_ms"] > 0 and r["first_ms"] > 0
     assert {v["budget"] for v in r["verdicts"]} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb"}
     assert all(v["ok"] for v in r["verdicts"])
     deployed = Path(r["deploy"]["path"])
-    assert sorted(p.name for p in deployed.iterdir()) == ["agent.py", "manifest.json", "model.fp32.onnx",
-                                                          "runtime.py"]
+    assert sorted(p.name for p in deployed.iterdir()) == ["agent.py", "cpuinfo.py", "manifest.json",
+                                                          "model.fp32.onnx", "runtime.py"]
     saved = json.loads((build_dir / r["result_file"]).read_text())
     assert saved["latency_ms"]["p50"] == lat["p50"]
     m = read_manifest(build_dir)
     assert m.bench[-1]["device"] == "loc" and m.bench[-1]["result_file"] == r["result_file"]
     report = (build_dir / "report.md").read_text()
     assert report.startswith("# edgepack report: tiny\n\nbuild section") and "## On-device benchmark: loc" in report
+    assert f"int8 ISA extensions {' '.join(r['env']['int8_flags']) or 'none'}," in report
     # A second bench adds a new result file and a second manifest entry; nothing is overwritten.
     r2 = bench(build_dir, dev, threads=1, runs=5, warmup=0, profile=True)
     assert r2["result_file"] != r["result_file"] and (build_dir / r["result_file"]).exists()
@@ -110,9 +114,9 @@ def test_local_deploy_and_bench_end_to_end(tmp_path, build_dir):
 def test_redeploy_skips_unchanged_files(tmp_path, build_dir):
     dev = local_device(tmp_path / "devices")
     first = deploy(build_dir, dev)
-    assert sorted(first["sent"]) == ["agent.py", "manifest.json", "model.fp32.onnx", "runtime.py"]
+    assert sorted(first["sent"]) == ["agent.py", "cpuinfo.py", "manifest.json", "model.fp32.onnx", "runtime.py"]
     again = deploy(build_dir, dev)
-    assert again["sent"] == [] and again["bytes_sent"] == 0 and len(again["reused"]) == 4
+    assert again["sent"] == [] and again["bytes_sent"] == 0 and len(again["reused"]) == 5
     # A new model: only it and the manifest travel.
     make_build(build_dir, channels=16)
     third = deploy(build_dir, dev)

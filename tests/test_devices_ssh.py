@@ -28,7 +28,8 @@ def test_ssh_deploy_and_bench(build_dir, ssh_device):
     info = check_device(dev)
     assert info["ok"] and info["machine"] == "x86_64" and info["runtimes"]["onnxruntime"]
     first = deploy(build_dir, dev)
-    assert len(first["sent"]) == 4 and Path(first["path"], "model.fp32.onnx").is_file()
+    assert sorted(first["sent"]) == ["agent.py", "cpuinfo.py", "manifest.json", "model.fp32.onnx", "runtime.py"]
+    assert Path(first["path"], "model.fp32.onnx").is_file()
     r = bench(build_dir, dev, threads=1, runs=10, warmup=1)
     assert r["passed"] and r["where"].startswith("root@127.0.0.1:") and r["deploy"]["sent"] == []
     assert read_manifest(build_dir).bench[-1]["device"] == "pi-a"
@@ -122,7 +123,7 @@ def test_disk_full_on_device(tmp_path, ssh_device, tiny_disk):
     assert "workdir" in e.value.hint
     assert not list(tiny_disk.rglob("*.partial"))  # nothing half-uploaded left to fill the disk
     (tiny_disk / "filler").unlink()
-    assert len(deploy(b, dev)["sent"]) == 4
+    assert len(deploy(b, dev)["sent"]) == 5  # the model, the manifest, the agent and its two modules
 
 
 def test_fleet_survives_a_device_dying_mid_benchmark(build_dir, ssh_device):
@@ -184,7 +185,7 @@ def test_cli_check_deploy_bench_over_ssh(tmp_path, build_dir, ssh_device, capsys
     assert main(["devices", "check", "cli-pi", "--devices-dir", str(d), "--accept-new-host-key"]) == 0
     assert "x86_64" in capsys.readouterr().out
     assert main(["deploy", str(build_dir), "--device", "cli-pi", "--devices-dir", str(d)]) == 0
-    assert "sent 4 files" in capsys.readouterr().out
+    assert "sent 5 files" in capsys.readouterr().out
     code = main(["bench", str(build_dir), "--devices", "cli-pi,local", "--devices-dir", str(d), "--runs", "3",
                  "--warmup", "0", "--threads", "1"])
     text = capsys.readouterr().out

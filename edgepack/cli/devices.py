@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
+from ..errors import EdgepackError
 from . import console, out
+from .progress import elapsed_printer
 
 DevicesDir = typer.Option([], "--devices-dir", help="extra device directory (searched first)")
 AcceptNew = typer.Option(False, "--accept-new-host-key",
@@ -24,9 +27,10 @@ def register(app: typer.Typer) -> None:
     devices = typer.Typer(help="List the device inventory, or check one device.", invoke_without_command=True)
 
     def _list(devices_dir: list[Path], as_json: bool):
+        # edgepack.devices is imported when a command runs: the CLI imports every command
+        # module at start-up, and this one would cost each command about a second.
         from ..devices import load_inventory
         from ..devices.summary import devices_table
-        from rich.markup import escape
         broken = []
         inv = load_inventory(devices_dir, broken=broken)
         if as_json:
@@ -72,7 +76,7 @@ def register(app: typer.Typer) -> None:
                    as_json: bool = typer.Option(False, "--json")):
         from ..devices import deploy, get_device
         result = deploy(build_dir, get_device(device, devices_dir), accept_new_host_key,
-                        progress=None if as_json else lambda m: console.print(m, highlight=False))
+                        progress=None if as_json else elapsed_printer())
         if as_json:
             _json(result)
         else:
@@ -95,10 +99,9 @@ def register(app: typer.Typer) -> None:
                   as_json: bool = typer.Option(False, "--json")):
         from ..devices import bench, bench_fleet, get_device, raise_if_failed
         from ..devices.summary import fleet_table
-        from ..errors import EdgepackError
         if bool(device) == bool(devices):
             raise EdgepackError("pass exactly one of --device NAME or --devices all|a,b")
-        say = None if as_json else (lambda m: console.print(m, highlight=False))
+        say = None if as_json else elapsed_printer()
         if device:
             r = bench(build_dir, get_device(device, devices_dir), threads=threads, runs=runs, warmup=warmup,
                       artifact=artifact, accept_new_host_key=accept_new_host_key, timeout_s=timeout,

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import EdgepackError
 from . import console, out
 
 HELP = ("Prepare an emulated aarch64 device (qemu-user + Debian arm64 Python + aarch64 onnxruntime "
@@ -27,9 +28,8 @@ def emulate(
                                                                 "environment, remove only the device file"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
-    from ..emulate import KINDS, register_emulated_device, remove_emulator
-    from ..emulate import prepare_emulator
-    from ..errors import EdgepackError
+    # Imported when the command runs: the CLI imports every command module at start-up.
+    from ..emulate import KINDS, prepare_emulator, register_emulated_device, remove_emulator
 
     if remove:
         target = what or name

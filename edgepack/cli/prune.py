@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from . import console, out
+from .progress import elapsed_printer
 from ..errors import EdgepackError
 
 
@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         record_path: Optional[Path] = typer.Option(None, "--record", help="also write the pruning record as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ):
+        # Imported when the command runs: they bring torch (seconds), and the CLI imports every
+        # command module at start-up.
         from ..data import load_dataset
         from ..stages.load import load_model, parse_shape
         from ..prune import make_config, run_prune_stage, save_pruned
@@ -71,15 +73,12 @@ def register(app: typer.Typer) -> None:
         shape = loaded.sample_specs()
         train_ds = load_dataset(train, shape, what="training data") if train else None
         eval_ds = load_dataset(eval_, shape, what="evaluation data") if eval_ else None
-        t0 = time.perf_counter()
+        say = elapsed_printer(quiet)
 
         def progress(info: dict) -> None:
-            if quiet:
-                return
             detail = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in info.items() if k != "stage" and v is not None)
-            console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {info.get('stage', 'prune')}: {detail}",
-                          highlight=False)
+            say(f"{info.get('stage', 'prune')}: {detail}")
 
         pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
                                          train_ds, eval_ds, progress)

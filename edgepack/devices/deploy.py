@@ -1,26 +1,28 @@
 """Deploy a build directory to a device: check, upload only what changed, verify, swap.
 
-On the device: `<workdir>/<build name>/` holds the artifacts, manifest.json, agent.py and
-runtime.py. It is a symlink to a complete, verified release that is swapped in one rename, so
-an interrupted deploy leaves the previous deployment exactly as it was (see device_ops.py).
+On the device: `<workdir>/<build name>/` holds the artifacts, manifest.json, agent.py and the
+two modules it imports beside it, runtime.py and cpuinfo.py. It is a symlink to a complete,
+verified release that is swapped in one rename, so an interrupted deploy leaves the previous
+deployment exactly as it was (see device_ops.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..manifest import MANIFEST, Manifest, read_manifest, sha256_file
+from ..names import PLAIN_NAME_RULE, is_plain_name
 from . import device_ops
 from .errors import DeviceError, DeviceUnreachable
 from .inventory import Device, get_device
 from .transport import Transport, connect
 
 _PACKAGE = Path(__file__).resolve().parent.parent
-AGENT_FILES = {"agent.py": _PACKAGE / "agent.py", "runtime.py": _PACKAGE / "runtime.py"}
+# The agent and the standard-library-only modules it imports as siblings (never edgepack itself).
+AGENT_FILES = {name: _PACKAGE / name for name in ("agent.py", "runtime.py", "cpuinfo.py")}
 _OPS_SOURCE = Path(device_ops.__file__).read_text()
 DISK_MARGIN = 64 * 1024  # directory entries, the symlink, filesystem rounding
 
@@ -132,9 +134,9 @@ def local_files(build_dir: Path, manifest: Manifest) -> dict[str, dict]:
 
 
 def check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    if not is_plain_name(name):
         raise DeviceError(f"build name {name!r} cannot be used as a directory name on the device",
-                          "rebuild with a name made of letters, digits, '.', '_' and '-'")
+                          f"rebuild with a name of {PLAIN_NAME_RULE} characters")
     return name
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import EdgepackError
-from ..targets import TargetProfile, format_validation, list_profiles
+from ..targets import TargetProfile, format_validation, list_profiles, load_profile
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 BUILTIN_DIRS = [_PACKAGE.parent / "devices", _PACKAGE / "_data" / "devices"]
@@ -68,7 +68,6 @@ class Device(_Strict):
         return "local"
 
     def profile(self) -> TargetProfile:
-        from ..targets import load_profile
         return load_profile(self.target, [Path(d) for d in self.targets_dirs])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..manifest import Verdict
+from .deploy import normalize_arch  # arm64 and aarch64 are one architecture
 
 
 def budgets_for(manifest_target: dict[str, Any], device_profile) -> tuple[dict[str, Any], str]:
@@ -25,7 +26,6 @@ def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: boo
     lat = result["latency_ms"]
     where = f"on {device_name}"
     machine = result.get("env", {}).get("machine")
-    from .deploy import normalize_arch  # arm64 and aarch64 are one architecture
     off_target = bool(target_arch and machine and normalize_arch(machine) != normalize_arch(target_arch))
     checks = [
         ("latency_p50_ms", lat["p50"], True),

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..manifest import build_lock, read_manifest, write_json_atomic
-from ..report import append_section
+from ..names import plain_name
+# report.md's one number formatter ("-" for a missing value), so both sections read alike.
+from ..report import _fmt, append_section
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -25,7 +26,7 @@ def save_result(build_dir: Path, device: str, result: dict) -> Path:
     """Write the full result to a new file; an existing file is never replaced."""
     out = Path(build_dir) / "bench"
     out.mkdir(exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", device)
+    safe = plain_name(device)
     stamp = result.get("timestamp_stamp") or utc_stamp()
     tmp = out / f".{safe}-{stamp}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -53,10 +54,6 @@ def summary(result: dict) -> dict:
     }
 
 
-def _fmt(v, digits=2):
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
 def report_section(result: dict) -> str:
     lat, env = result["latency_ms"], result["env"]
     label = " (emulated: latency not judged)" if result["emulated"] else ""
@@ -64,6 +61,7 @@ def report_section(result: dict) -> str:
         f"\n## On-device benchmark: {result['device']}{label}\n",
         f"- when: {result['timestamp']}; artifact `{result['artifact']}` ({result['format']}, {result['precision']})",
         f"- device: {env.get('machine')}, {env.get('cpu_model')}, {env.get('cpu_count')} cores, "
+        f"int8 ISA extensions {' '.join(env.get('int8_flags') or ['none'])}, "
         f"governor {env.get('cpufreq_governor')}, load {env.get('loadavg')}",
         f"- runtime: {result['runtime']['name']} {result['runtime']['version']}, {env.get('threads')} threads, "
         f"python {env.get('python')}",

@@ -256,7 +256,7 @@ class SshTransport(Transport):
 
 
 def _connect_reason(e: BaseException) -> str:
-    import paramiko
+    import paramiko  # only SSH devices get here; local-only users never import it
     if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) and e.errors:
         e = next(iter(e.errors.values()))  # paramiko wraps the per-address socket errors
     if isinstance(e, ConnectionRefusedError):
@@ -288,7 +288,7 @@ class _HostKeyPolicy:
                 f"it offered a {key.get_name()} key with fingerprint {fp}",
                 "compare it with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the device, "
                 "then rerun with --accept-new-host-key to trust and remember it")
-        from paramiko.hostkeys import HostKeyEntry
+        from paramiko.hostkeys import HostKeyEntry  # as in SshTransport: only for SSH devices
 
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = HostKeyEntry([hostname], key).to_line()
