@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.emulate import (WHEELS, cache_base, compare_on_emulator, env_root, find_emulator,
-                              prepare_emulator, register_emulated_device, remove_emulator,
+from edgepack.emulate import (WHEELS, EmulatorEnv, cache_base, compare_on_emulator, device_toml, env_root,
+                              find_emulator, prepare_emulator, register_emulated_device, remove_emulator,
                               run_emulated)
 from edgepack.errors import EdgepackError
 
@@ -224,6 +224,8 @@ def test_fp32_onnx_matches_x86(emu, tiny):
     assert r["samples"] == 64 and r["outputs_shape"] == [64, 10]
     assert r["top1_agreement"] == 1.0
     assert r["max_abs_diff"] < 1e-4
+    # The Pi 4's cpuinfo, not the host's x86 one: NEON but no dot product.
+    assert r["cpu"] == "Raspberry Pi 4 Model B Rev 1.4" and r["int8_flags"] == ["asimd"]
 
 
 @pytest.mark.emulate
@@ -297,13 +299,38 @@ def test_broken_artifact_is_explained(emu, tmp_path):
 
 # --- registration and the device layer -----------------------------------------------------------
 
+@pytest.fixture
+def user_dirs(tmp_path, monkeypatch):
+    """The test's own ~ and ~/.config (device files, default workdirs); the shared emulator cache."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_base().parent.parent))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # removal also deletes the default workdir
+
+
+def test_device_toml_round_trips_any_interpreter_path(tmp_path):
+    python = tmp_path / 'a "quoted" \\ dir é' / "bin" / "python3"
+    env = EmulatorEnv(kind="rpi5", root=python.parent.parent, python=python,
+                      versions={"python": "3.11.2", "onnxruntime": "1.32.0", "numpy": "2.4.6"})
+    text = device_toml("pi5-emu", env)
+    assert text.startswith("# Emulated Raspberry Pi 5 (4x Cortex-A76)") and "-cpu cortex-a76" in text
+    assert tomllib.loads(text) == {"name": "pi5-emu", "target": "rpi", "transport": "local",
+                                   "workdir": "~/.local/share/edgepack/devices/pi5-emu",
+                                   "python": str(python), "emulated": True}
+
+
+def test_device_name_must_be_a_plain_file_name(tmp_path):
+    env = EmulatorEnv(kind="rpi", root=tmp_path, python=tmp_path / "bin" / "python3")
+    for bad in ("../evil", ".hidden", "a/b", "x" * 129, ""):
+        with pytest.raises(EdgepackError, match="invalid device name") as e:
+            register_emulated_device(bad, "rpi", emulator=env, config_dir=tmp_path / "devices")
+        assert "letters, digits" in e.value.hint
+    assert not (tmp_path / "devices").exists()
+
+
 @pytest.mark.emulate
 @pytest.mark.slow
 @needs_qemu
-def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_base().parent.parent))  # keep the shared cache
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # removal also deletes the default workdir
+def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, user_dirs):
     workdir = tmp_path / "home" / ".local" / "share" / "edgepack" / "devices" / "pi-emu"
     workdir.mkdir(parents=True)
     path = register_emulated_device("pi-emu", "rpi", emulator=emu)
@@ -312,13 +339,9 @@ def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, mon
     assert data == {"name": "pi-emu", "target": "rpi", "transport": "local",
                     "workdir": "~/.local/share/edgepack/devices/pi-emu", "python": str(emu.python),
                     "emulated": True}
-    try:
-        from edgepack.devices import get_device
-    except ImportError:  # pragma: no cover - device layer not present
-        get_device = None
-    if get_device is not None:
-        dev = get_device("pi-emu")
-        assert dev.emulated and dev.python_cmd == str(emu.python) and dev.target == "rpi"
+    from edgepack.devices import get_device
+    dev = get_device("pi-emu")
+    assert dev.emulated and dev.python_cmd == str(emu.python) and dev.target == "rpi"
     # a real device of the same name is never overwritten or removed
     real = path.with_name("box.toml")
     real.write_text('name = "box"\ntarget = "rpi"\ntransport = "local"\n')
@@ -337,11 +360,8 @@ def test_register_writes_a_valid_device_and_remove_deletes_it(emu, tmp_path, mon
 @pytest.mark.emulate
 @pytest.mark.slow
 @needs_qemu
-def test_cli_emulate_registers_from_cache(emu, tmp_path, monkeypatch):
+def test_cli_emulate_registers_from_cache(emu, tmp_path, user_dirs):
     from conftest import run_cli
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_base().parent.parent))  # keep the shared cache
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     code, out, err = run_cli("devices", "emulate", "rpi", "--name", "pi-test", "--json")
     assert code == 0, err
     res = json.loads(out)
@@ -357,18 +377,19 @@ def test_cli_emulate_registers_from_cache(emu, tmp_path, monkeypatch):
 @pytest.mark.emulate
 @pytest.mark.slow
 @needs_qemu
-def test_deploy_and_bench_on_emulated_pi(emu, tmp_path, monkeypatch):
-    devices = pytest.importorskip("edgepack.devices")
+def test_deploy_and_bench_on_emulated_pi(emu, tmp_path, user_dirs):
+    from edgepack import devices
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest_devices import make_build
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))   # the device workdir lives under ~
     register_emulated_device("pi-emu", "rpi", emulator=emu)
     build = make_build(tmp_path / "build", target="rpi")
     r = devices.bench(build, "pi-emu", threads=1, runs=5, warmup=1, timeout_s=600)
     RESULTS["bench"] = {k: r.get(k) for k in ("device", "emulated", "passed")} | {"env": r.get("env")}
     assert r["emulated"] is True
     assert r["env"]["machine"] == "aarch64", r["env"]
+    # The agent reads the sysroot's Pi 4 cpuinfo (via the deployed cpuinfo.py).
+    assert r["env"]["cpu_model"] == "Raspberry Pi 4 Model B Rev 1.4" and r["env"]["cpu_core"] == "Cortex-A72"
+    assert r["env"]["int8_flags"] == ["asimd"], r["env"]
     lat = [v for v in r["verdicts"] if v["budget"].startswith("latency")]
     assert lat and all(v["ok"] is None and "emulated" in v["note"] for v in lat), lat
 

@@ -10,11 +10,12 @@ under qemu user-mode emulation, without hardware.
 Emulated latency means nothing; outputs and the ARM kernels that produce them are real.
 """
 from .kinds import KINDS, WHEELS
-from .prepare import (EmulatorEnv, cache_base, emulator_for_python, env_root, find_emulator, find_qemu, prepare_emulator,
+from .prepare import (EmulatorEnv, cache_base, emulator_for_python, env_root, find_emulator, prepare_emulator,
                       remove_emulator_cache)
 from .register import (device_toml, devices_config_dir, list_emulated_devices,
                        register_emulated_device, remove_emulator)
 from .run import compare_on_emulator, run_emulated
+from .wrappers import find_qemu
 
 __all__ = ["KINDS", "WHEELS", "EmulatorEnv", "cache_base", "emulator_for_python", "env_root", "find_emulator", "find_qemu",
            "prepare_emulator", "remove_emulator_cache", "device_toml", "devices_config_dir",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import EdgepackError
+
 # Debian release whose arm64 python3.11 and libraries make the sysroot. Raspberry Pi OS 12 is
 # Debian bookworm, so the interpreter and glibc are the ones a Pi actually runs.
 DEBIAN_SUITE = "bookworm"
@@ -88,7 +90,6 @@ KINDS: dict[str, Kind] = {
 
 
 def get_kind(kind: str) -> Kind:
-    from ..errors import EdgepackError
     try:
         return KINDS[kind]
     except KeyError:

@@ -1,19 +1,17 @@
 """Register the emulated device in the user's device inventory, and remove it again."""
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import tomllib
 from pathlib import Path
 
+import tomli_w
+
 from ..errors import EdgepackError
+from ..names import PLAIN_NAME_RULE, is_plain_name
 from .kinds import get_kind
 from .prepare import EmulatorEnv, cache_base, prepare_emulator, remove_emulator_cache
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
 
 def devices_config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -24,27 +22,19 @@ def default_workdir(name: str) -> str:
     return f"~/.local/share/edgepack/devices/{name}"
 
 
-def _q(s: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes
-    return json.dumps(s)
-
-
 def device_toml(name: str, env: EmulatorEnv) -> str:
     k = get_kind(env.kind)
     v = env.versions
-    return (
+    comment = (
         f"# Emulated {k.description}: aarch64 Python {v.get('python', '3.11')} under qemu-user "
         f"(-cpu {k.qemu_cpu}),\n"
         f"# onnxruntime {v.get('onnxruntime')}, ai-edge-litert {v.get('ai-edge-litert')}, "
         f"numpy {v.get('numpy')}.\n"
         "# Written by `edgepack devices emulate`; `edgepack devices emulate --remove NAME` deletes it.\n"
-        "# Outputs and ARM kernels are real; latency is emulated and never judged against budgets.\n"
-        f"name = {_q(name)}\n"
-        f"target = {_q(k.target)}\n"
-        'transport = "local"\n'
-        f"workdir = {_q(default_workdir(name))}\n"
-        f"python = {_q(str(env.python))}\n"
-        "emulated = true\n")
+        "# Outputs and ARM kernels are real; latency is emulated and never judged against budgets.\n")
+    return comment + tomli_w.dumps({
+        "name": name, "target": k.target, "transport": "local", "workdir": default_workdir(name),
+        "python": str(env.python), "emulated": True})
 
 
 def register_emulated_device(name: str = "pi-emu", kind: str = "rpi", *,
@@ -54,9 +44,9 @@ def register_emulated_device(name: str = "pi-emu", kind: str = "rpi", *,
     describing the emulated device, preparing the environment first if needed (cached: instant).
     Returns the path written. Refuses (EdgepackError) to overwrite a non-emulated device file
     or to use a name that is not a plain file name."""
-    if not _NAME.match(name):
-        raise EdgepackError(f"invalid device name {name!r}",
-                            "use letters, digits, '.', '_' or '-' (e.g. pi-emu)")
+    if not is_plain_name(name):
+        raise EdgepackError(f"invalid device name {name!r}: it names the file <name>.toml",
+                            f"use {PLAIN_NAME_RULE} characters (e.g. pi-emu)")
     env = emulator or prepare_emulator(kind, progress=progress)
     d = Path(config_dir) if config_dir else devices_config_dir()
     path = d / f"{name}.toml"

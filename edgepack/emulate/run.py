@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgepackError
-from .prepare import EmulatorEnv, find_emulator, find_qemu, prepare_emulator
+from .prepare import EmulatorEnv, find_emulator, prepare_emulator
+from .wrappers import find_qemu
 
-_RUNTIME_PY = Path(__file__).resolve().parent.parent / "runtime.py"
+# Copied beside the compare script: what the emulated interpreter imports (it has no edgepack).
+_SIBLINGS = [Path(__file__).resolve().parent.parent / name for name in ("runtime.py", "cpuinfo.py")]
 
 
 def _resolve(emulator: EmulatorEnv | None, kind: str, prepare: bool, progress=None) -> EmulatorEnv:
@@ -64,6 +66,7 @@ _COMPARE_SCRIPT = r'''
 import json, os, platform, sys, time
 import numpy as np
 from runtime import open_model, available_runtimes, run_batched
+from cpuinfo import read_cpuinfo
 
 artifact, workdir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 n_inputs = int(sys.argv[4])
@@ -77,19 +80,12 @@ outs = run_batched(runner, xs)
 run_s = time.perf_counter() - t0
 for i, out in enumerate(outs):
     np.save(os.path.join(workdir, f"output{i}.npy"), out)
-cpu = {}
-try:
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model", "CPU part"):
-            cpu.setdefault(key.strip(), value.strip())
-except OSError:
-    pass
-cpu = cpu.get("Model") or cpu.get("CPU part", "")
+cpu = read_cpuinfo()  # the ARM cpuinfo the sysroot shows, not the host's
 print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
                   "backend": runner.backend, "backend_version": runner.backend_version,
                   "runtimes": available_runtimes(), "samples": int(n), "n_outputs": len(outs),
-                  "load_s": load_s, "run_s": run_s, "cpu": cpu}))
+                  "load_s": load_s, "run_s": run_s, "cpu": cpu["model"] or "",
+                  "int8_flags": cpu["int8_flags"]}))
 '''
 
 
@@ -110,7 +106,8 @@ def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *
     Returns {"artifact", "format", "samples", "top1_agreement" (0..1, argmax over the last axis
     of the first output), "max_abs_diff", "mean_abs_diff", "outputs_shape", "machine"
     (platform.machine() inside: "aarch64"), "python", "backend", "backend_version",
-    "runtimes" (aarch64 runtime versions), "cpu", "qemu_cpu", "emulated": True,
+    "runtimes" (aarch64 runtime versions), "cpu" (the emulated board), "int8_flags" (its int8
+    ISA extensions, edgepack.cpuinfo.INT8_FLAGS), "qemu_cpu", "emulated": True,
     "emulated_seconds"}. Raises EdgepackError when the artifact cannot be run there.
     """
     em = _resolve(emulator, kind, prepare)
@@ -131,7 +128,8 @@ def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *
         raise EdgepackError(f"x86_outputs has {refs[0].shape[0]} samples but inputs have {n}")
     work = Path(tempfile.mkdtemp(prefix="edgepack-emu-compare-"))
     try:
-        shutil.copy(_RUNTIME_PY, work / "runtime.py")
+        for sibling in _SIBLINGS:
+            shutil.copy(sibling, work / sibling.name)
         (work / "compare.py").write_text(_COMPARE_SCRIPT)
         for i, x in enumerate(xs):
             np.save(work / f"input{i}.npy", np.ascontiguousarray(x))
@@ -163,7 +161,8 @@ def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *
         "outputs_shape": list(outs[0].shape),
         "machine": info["machine"], "python": info["python"],
         "backend": info["backend"], "backend_version": info["backend_version"],
-        "runtimes": info["runtimes"], "cpu": info["cpu"], "qemu_cpu": em.qemu_cpu,
+        "runtimes": info["runtimes"], "cpu": info["cpu"], "int8_flags": info["int8_flags"],
+        "qemu_cpu": em.qemu_cpu,
         "kind": em.kind, "threads": threads, "emulated": True,
         "emulated_seconds": round(seconds, 2),
     }
