@@ -29,11 +29,11 @@ pytestmark = pytest.mark.tflite
 
 def parity_vs_torch(model, path, data, layout="NCHW", n=200) -> dict:
     x = data.take(n).x
-    return compare_outputs(torch_predict(model, x), run_tflite(path, x, layout))
+    return compare_outputs(torch_predict(model, x), run_tflite(path, [x], layout)[0])
 
 
 def int8_vs_fp32(int8_path, fp32_path, data, layout="NCHW") -> dict:
-    q, f = run_tflite(int8_path, data.x, layout), run_tflite(fp32_path, data.x, layout)
+    q, f = run_tflite(int8_path, [data.x], layout)[0], run_tflite(fp32_path, [data.x], layout)[0]
     return {**compare_outputs(f, q), "accuracy": 100 * np.mean(q.argmax(1) == data.y),
             "accuracy_fp32": 100 * np.mean(f.argmax(1) == data.y)}
 pytest.importorskip("litert_torch", reason="needs the tflite extra: pip install 'edgepack[tflite]'")
@@ -104,6 +104,13 @@ def test_fp32_matches_pytorch(digits, fp32):
     assert fp32["inputs"] == [{"name": fp32["inputs"][0]["name"], "shape": [1, 1, 8, 8],
                                "dtype": "float32", "layout": "NCHW"}]
     assert fp32["outputs"][0]["shape"] == [1, 10] and fp32["outputs"][0]["dtype"] == "float32"
+    assert fp32["input_order"] == fp32["output_order"] == [0]
+    assert fp32["output_order_source"] == "signature"
+    # A lone array is still accepted as the only input; the result is a list all the same.
+    x = digits[2].x[:3]
+    single = run_tflite(path, x)
+    assert isinstance(single, list) and len(single) == 1
+    np.testing.assert_array_equal(single[0], run_tflite(path, [x])[0])
     assert fp32["ops"]["CONV_2D"] + fp32["ops"].get("DEPTHWISE_CONV_2D", 0) == 2
     assert "BATCH_NORM" not in str(fp32["ops"])  # folded into the convolutions
     p = parity_vs_torch(digits[0], path, digits[2], n=200)

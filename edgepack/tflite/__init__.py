@@ -6,8 +6,8 @@ request fails early with `require_litert_torch()`.
 """
 from .convert import (INSTALL_HINT, INT8_SCHEME, convert_fp32, convert_int8,
                       require_litert_torch, require_torch_model)
-from .inspect import inspect_tflite
+from .inspect import inspect_tflite, read_io
 from .validate import run_tflite
 
 __all__ = ["INSTALL_HINT", "INT8_SCHEME", "convert_fp32", "convert_int8", "inspect_tflite",
-           "require_litert_torch", "require_torch_model", "run_tflite"]
+           "read_io", "require_litert_torch", "require_torch_model", "run_tflite"]

@@ -40,7 +40,7 @@ def publish(tmp: Path, out: Path, what: str) -> None:
 
 
 def run_in_child(job: dict, program: torch.export.ExportedProgram, example_inputs: tuple,
-                 samples: np.ndarray | None, tmp_out: Path, what: str,
+                 samples: list[np.ndarray] | None, tmp_out: Path, what: str,
                  timeout_s: float | None) -> dict:
     """Run `_worker.main` on `job` in a new interpreter; return its result dict.
 
@@ -52,8 +52,8 @@ def run_in_child(job: dict, program: torch.export.ExportedProgram, example_input
         d = Path(d)
         torch.export.save(program, d / "model.pt2")
         torch.save(tuple(example_inputs), d / "inputs.pt")
-        if samples is not None:
-            np.save(d / "calib.npy", samples)
+        if samples is not None:  # one array per model input, in argument order
+            np.savez(d / "calib.npz", **{f"input{i}": a for i, a in enumerate(samples)})
         (d / "job.json").write_text(json.dumps({**job, "out": str(tmp_out)}))
         env = dict(os.environ)
         # litert-torch prints a progress tree for every stage; edgepack reports its own.

@@ -1,7 +1,8 @@
 """The conversion itself: exported program in, `.tflite` file out.
 
 Runs in-process (`isolate=False`) or as `python -m edgepack.tflite._worker JOB_DIR`, where
-JOB_DIR holds model.pt2, inputs.pt, calib.npy (int8) and job.json; it writes result.json.
+JOB_DIR holds model.pt2, inputs.pt, calib.npz (int8: arrays input0, input1... in argument
+order) and job.json; it writes result.json.
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ def _quantize_pt2e_module():
 
 
 def convert_program(precision: str, program: torch.export.ExportedProgram, example_inputs: tuple,
-                    samples: np.ndarray | None, batch: int, out: Path) -> dict:
+                    samples: list[np.ndarray] | None, batch: int, out: Path) -> dict:
     """Convert an exported program to `.tflite` at `out`; returns timings in seconds.
 
     int8: PT2E static quantization (per-channel symmetric weights) calibrated with `samples`
-    in batches of `batch` (the export's fixed batch size), then a STATIC QDQ conversion.
+    (one array per model input, same length) in batches of `batch` (the export's fixed batch
+    size), then a STATIC QDQ conversion. Only float tensors get observers, so integer inputs
+    (token ids, masks) stay integer in the artifact.
     """
     with _quiet_litert():
         import litert_torch
@@ -70,8 +73,8 @@ def _convert(litert_torch, precision, program, example_inputs, samples, batch, o
         t0 = time.perf_counter()
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
-            for i in range(0, len(samples), batch):
-                prepared(torch.from_numpy(np.ascontiguousarray(samples[i:i + batch])))
+            for i in range(0, len(samples[0]), batch):
+                prepared(*(torch.from_numpy(np.ascontiguousarray(s[i:i + batch])) for s in samples))
         graph = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         quant_config = QuantConfig(pt2e_quantizer=quantizer)
         record["calibration_seconds"] = time.perf_counter() - t0
@@ -87,8 +90,11 @@ def main(job_dir: Path) -> int:
     try:
         program = torch.export.load(job_dir / "model.pt2")
         inputs = torch.load(job_dir / "inputs.pt", weights_only=True)
-        calib = job_dir / "calib.npy"
-        samples = np.load(calib) if calib.exists() else None
+        calib = job_dir / "calib.npz"
+        samples = None
+        if calib.exists():
+            with np.load(calib) as z:
+                samples = [z[f"input{i}"] for i in range(len(z.files))]
         result = {"status": "ok", "record": convert_program(
             job["precision"], program, inputs, samples, job["batch"], Path(job["out"]))}
     except MemoryError:

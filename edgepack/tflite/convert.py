@@ -54,33 +54,44 @@ def require_torch_model(model, source: str = "the model") -> nn.Module:
 
 
 def convert_fp32(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], out: Path,
-                 layout: str = "NCHW", timeout_s: float | None = None,
-                 isolate: bool = True) -> dict:
-    """Convert to a float32 `.tflite` at `out`. Returns the record built by `_record`."""
+                 layout: str = "NCHW", timeout_s: float | None = None, isolate: bool = True,
+                 input_names: list[str] | None = None,
+                 output_names: list[str] | None = None) -> dict:
+    """Convert to a float32 `.tflite` at `out`. Returns the record built by `_record`.
+
+    `model(*example_inputs)` returns a tensor or a flat tuple of tensors (nested outputs are
+    flattened in torch pytree order, as litert-torch does). `input_names`/`output_names`, when
+    given, name the record's specs; otherwise they carry the TFLite tensor names.
+    """
     lt = require_litert_torch()
     model, example_inputs = _wrap_layout(require_torch_model(model), example_inputs, layout, lt)
-    return _convert("fp32", model, example_inputs, None, Path(out), layout, timeout_s, isolate, lt)
+    return _convert("fp32", model, example_inputs, None, Path(out), layout, timeout_s, isolate,
+                    lt, (input_names, output_names))
 
 
 def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], calib: Dataset,
                  out: Path, layout: str = "NCHW", num_calib: int = 64,
-                 timeout_s: float | None = None, isolate: bool = True) -> dict:
+                 timeout_s: float | None = None, isolate: bool = True,
+                 input_names: list[str] | None = None,
+                 output_names: list[str] | None = None) -> dict:
     """Full-integer static int8 `.tflite` at `out`, calibrated on `calib.take(num_calib)`.
 
-    `calib.x` is NCHW like the PyTorch model's input, whatever `layout` is asked for.
+    The calibration inputs are in PyTorch layout and argument order (`calib.arrays()`), whatever
+    `layout` is asked for. Float inputs and outputs become int8 with a scale and zero point;
+    integer inputs (token ids, masks) stay integer (int64 ones become int32: see the notes).
     """
     lt = require_litert_torch()
     model = require_torch_model(model)
-    if len(example_inputs) != 1:
-        raise EdgepackError(f"int8 calibration supports single-input models; this one takes "
-                            f"{len(example_inputs)} inputs", "use fp32 TFLite for this model")
-    samples = _calibration_samples(calib, num_calib, example_inputs[0])
+    example_inputs = tuple(example_inputs)
+    samples = _calibration_samples(calib, num_calib, example_inputs)
     if layout == "NHWC":
-        samples = np.ascontiguousarray(samples.transpose(0, 2, 3, 1))
+        images = _image_args(example_inputs)
+        samples = [np.ascontiguousarray(s.transpose(0, 2, 3, 1)) if i in images else s
+                   for i, s in enumerate(samples)]
     model, example_inputs = _wrap_layout(model, example_inputs, layout, lt)
     rec = _convert("int8", model, example_inputs, samples, Path(out), layout, timeout_s,
-                   isolate, lt)
-    rec["calibration_samples"] = int(len(samples))
+                   isolate, lt, (input_names, output_names))
+    rec["calibration_samples"] = int(len(samples[0]))
     rec["scheme"] = INT8_SCHEME
     if rec["float_ops"]:
         rec["notes"].append(
@@ -91,7 +102,7 @@ def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], cal
 
 
 def _convert(precision, model, example_inputs, samples, out: Path, layout, timeout_s, isolate,
-             lt) -> dict:
+             lt, names) -> dict:
     """Export here (errors name the module), convert in a child (or here), publish atomically."""
     what = f"TFLite {precision} conversion"
     t0 = time.perf_counter()
@@ -120,7 +131,16 @@ def _convert(precision, model, example_inputs, samples, out: Path, layout, timeo
         # What isolation costs: the child's interpreter start and imports (10-24 s measured here).
         child["process_overhead_seconds"] = max(0.0, result["child_seconds"] - sum(child.values()))
     child["export_mode"] = export_mode
-    return _record(out, precision, layout, time.perf_counter() - t0, child, lt)
+    rec = _record(out, precision, layout, child, lt, names)
+    _check_outputs(model, example_inputs, rec)
+    narrowed = [s["name"] for t, s in zip(example_inputs, rec["inputs"])
+                if t.dtype == torch.int64 and s["dtype"] == "int32"]
+    if narrowed:  # litert-torch's default (enable_x64=False); TFLite kernels index with int32
+        rec["notes"].append(f"int64 input(s) {', '.join(narrowed)} are int32 in the .tflite: "
+                            "feed int32 (run_tflite casts int64 data and refuses values that "
+                            "do not fit)")
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
 
 
 def _export(model, example_inputs, strict_first: bool):
@@ -154,14 +174,21 @@ def _in_process(precision, program, example_inputs, samples, batch, tmp) -> dict
                 "traceback": traceback.format_exc()}
 
 
-def _record(out: Path, precision: str, layout: str, seconds: float, child: dict, lt) -> dict:
+def _record(out: Path, precision: str, layout: str, child: dict, lt, names) -> dict:
     """What the build needs for the manifest and report: file facts, specs, op statistics."""
     info = inspect_tflite(out, layout)
+    inputs, outputs = info["inputs"], info["outputs"]
     return {
         "path": str(out), "format": "tflite", "precision": precision, "layout": layout,
-        "seconds": seconds, **child,
+        "seconds": None, **child,
         "size_bytes": info["size_bytes"], "sha256": sha256_file(out),
-        "inputs": info["inputs"], "outputs": info["outputs"],
+        "inputs": _named(inputs, names[0], "input"), "outputs": _named(outputs, names[1], "output"),
+        # How the file's IO maps to PyTorch's: the interpreter position (get_input_details() /
+        # get_output_details() order) of each PyTorch argument and flattened output.
+        "input_order": info["input_order"], "output_order": info["output_order"],
+        "output_order_source": info["order_source"],
+        "tflite_names": {"inputs": [s["name"] for s in inputs],
+                         "outputs": [s["name"] for s in outputs]},
         "ops": info["ops"], "num_ops": info["num_ops"],
         "quantize_ops": info["quantize_ops"], "dequantize_ops": info["dequantize_ops"],
         # In an fp32 model every op is a float op: listing them says nothing.
@@ -173,6 +200,62 @@ def _record(out: Path, precision: str, layout: str, seconds: float, child: dict,
     }
 
 
+def _named(specs: list[dict], names: list[str] | None, what: str) -> list[dict]:
+    if names is None:
+        return specs
+    if len(names) != len(specs):
+        raise EdgepackError(f"{len(names)} {what} name(s) given for a TFLite model with "
+                            f"{len(specs)} {what}s: {', '.join(names)}",
+                            f"give one name per {what}, in PyTorch order")
+    return [{**s, "name": n} for s, n in zip(specs, names)]
+
+
+def _check_outputs(model, example_inputs, rec: dict) -> None:
+    """Run the artifact on the example inputs and pin down which output is which.
+
+    The signature's output_0, output_1... order is expected to be PyTorch's; this checks it
+    against PyTorch's own answers (shape, then a symmetric relative error in [0, 1] against
+    every same-shaped candidate) and, where another output matches clearly better, records the
+    order that matches. A right slot scores about 1e-7 (fp32) or a few hundredths (int8); the
+    0.05 of slack keeps int8 noise, and outputs that are zero on the example, from reordering.
+    """
+    from torch.utils._pytree import tree_leaves
+    from .validate import run_tflite
+    with torch.no_grad():
+        expected = [t.detach().double().numpy() for t in tree_leaves(model(*example_inputs))
+                    if isinstance(t, torch.Tensor)]
+    got = run_tflite(rec["path"], [t.numpy() for t in example_inputs], "NCHW",
+                     output_order=rec["output_order"])  # example inputs are in the file's layout
+    if len(got) != len(expected):
+        raise EdgepackError(f"the TFLite model has {len(got)} outputs but PyTorch returns "
+                            f"{len(expected)}", "report it with the model (converter bug)")
+
+    def err(k: int, j: int) -> float:
+        if got[j].shape != expected[k].shape:
+            return float("inf")
+        g, e = got[j].astype(np.float64), expected[k]
+        return float(np.linalg.norm(g - e) / (np.linalg.norm(g) + np.linalg.norm(e) + 1e-12))
+
+    errors = np.array([[err(k, j) for j in range(len(got))] for k in range(len(expected))])
+    if all(np.isfinite(errors[k, k]) and errors[k, k] <= 2 * errors[k].min() + 0.05
+           for k in range(len(expected))):
+        return
+    slots, free = [], set(range(len(got)))
+    for k in range(len(expected)):
+        j = min(free, key=lambda j: errors[k, j])
+        if not np.isfinite(errors[k, j]):
+            raise EdgepackError(f"PyTorch output {k} has shape {list(expected[k].shape)} and no "
+                                f"TFLite output has it", "report it with the model")
+        slots.append(j)
+        free.discard(j)
+    order = [rec["output_order"][j] for j in slots]
+    specs = {n: s for n, s in zip(rec["output_order"], rec["outputs"])}
+    names = {n: s for n, s in zip(rec["output_order"], rec["tflite_names"]["outputs"])}
+    rec["outputs"] = [specs[j] for j in order]
+    rec["tflite_names"]["outputs"] = [names[j] for j in order]
+    rec["output_order"], rec["output_order_source"] = order, "matched on the example input"
+
+
 def _wrap_layout(model: nn.Module, example_inputs, layout: str, lt):
     """NHWC: wrap so the artifact takes channel-last images; the wrapper transposes back."""
     if layout not in LAYOUTS:
@@ -181,30 +264,54 @@ def _wrap_layout(model: nn.Module, example_inputs, layout: str, lt):
     example_inputs = tuple(example_inputs)
     if layout == "NCHW":
         return model, example_inputs
-    image_args = [i for i, t in enumerate(example_inputs) if t.ndim == 4]
+    image_args = _image_args(example_inputs)
     if not image_args:
-        raise EdgepackError("layout NHWC needs a 4-D (N, C, H, W) image input; this model has "
-                            "none", "use layout NCHW for this model")
+        raise EdgepackError("layout NHWC needs a 4-D float (N, C, H, W) image input; this model "
+                            "has none", "use layout NCHW for this model")
     wrapped = lt.to_channel_last_io(model, args=image_args).eval()
     nhwc = tuple(t.permute(0, 2, 3, 1).contiguous() if i in image_args else t
                  for i, t in enumerate(example_inputs))
     return wrapped, nhwc
 
 
-def _calibration_samples(calib: Dataset, n: int, example: torch.Tensor) -> np.ndarray:
-    """`n` samples, trimmed to a multiple of the export's fixed batch size."""
+def _image_args(example_inputs) -> list[int]:
+    """The arguments NHWC applies to: 4-D float tensors (not 4-D token ids or masks)."""
+    return [i for i, t in enumerate(example_inputs) if t.ndim == 4 and t.is_floating_point()]
+
+
+def _calibration_samples(calib: Dataset, n: int, example_inputs: tuple) -> list[np.ndarray]:
+    """`n` samples of every input (argument order, each cast to its example's dtype), trimmed
+    to a multiple of the export's fixed batch size."""
     if calib is None or len(calib) == 0:
         raise EdgepackError("int8 TFLite needs calibration data and none was given",
                             "pass --calib (a folder, .npz or file.py:function)")
-    x = np.asarray(calib.take(n).x, dtype=np.float32)
-    if tuple(x.shape[1:]) != tuple(example.shape[1:]):
-        raise EdgepackError(f"calibration samples have shape {tuple(x.shape[1:])} but the model "
-                            f"input is {tuple(example.shape[1:])} (from {calib.source})",
-                            "give calibration data with the model's input shape, channels first")
-    bs = int(example.shape[0])
-    if len(x) < bs:  # fewer samples than one batch: repeat them to fill it
-        return np.resize(x, (bs, *x.shape[1:]))
-    return np.ascontiguousarray(x[:len(x) // bs * bs])
+    part = calib.take(n)
+    # Dataset.arrays() is the multi-input API; a Dataset without it has one input, `x`.
+    arrays = part.arrays() if hasattr(part, "arrays") else [part.x]
+    names = list(getattr(part, "names", None) or [f"input {i}" for i in range(len(arrays))])
+    if len(arrays) != len(example_inputs):
+        raise EdgepackError(f"calibration data ({calib.source}) has {len(arrays)} input(s) "
+                            f"({', '.join(names)}) but the model takes {len(example_inputs)}",
+                            "give one array per model input, in the model's argument order")
+    samples = []
+    for name, a, ex in zip(names, arrays, example_inputs):
+        a = np.asarray(a)
+        what = "calibration samples" if len(arrays) == 1 else f"calibration input {name!r}"
+        if tuple(a.shape[1:]) != tuple(ex.shape[1:]):
+            raise EdgepackError(f"{what} have shape {tuple(a.shape[1:])} but the model input is "
+                                f"{tuple(ex.shape[1:])} (from {calib.source})",
+                                "give calibration data with the model's input shape, in PyTorch "
+                                "layout (channels first)")
+        want = torch.empty(0, dtype=ex.dtype).numpy().dtype
+        if not ex.is_floating_point() and a.dtype.kind == "f":
+            raise EdgepackError(f"{what} are {a.dtype} but the model input is {want} (token ids "
+                                f"or a mask); float data cannot feed it (from {calib.source})",
+                                "give integer data for this input")
+        samples.append(a.astype(want, copy=False))
+    bs = int(example_inputs[0].shape[0]) if example_inputs[0].ndim else 1
+    if len(samples[0]) < bs:  # fewer samples than one batch: repeat them to fill it
+        return [np.resize(a, (bs, *a.shape[1:])) for a in samples]
+    return [np.ascontiguousarray(a[:len(a) // bs * bs]) for a in samples]
 
 
 # --- Turning converter exceptions into messages that name the op and the module.
