@@ -14,20 +14,15 @@ import numpy as np
 # The model zoo and the benchmark task are test fixtures (tests/fixtures), not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from edgepack.cpuinfo import read_cpuinfo  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
-            "loadavg_start": list(os.getloadavg())}
+    cpu = read_cpuinfo()
+    return {"cpu": cpu["model"] or "unknown", "int8_flags": cpu["int8_flags"], "cores": os.cpu_count(),
+            "machine": platform.machine(), "loadavg_start": list(os.getloadavg())}
 
 
 def interleaved(variants: dict, inputs, rounds: int = 7, runs_per_round: int = 15, warmup: int = 5) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,13 +13,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import EdgepackError
+from .names import PLAIN_NAME, PLAIN_NAME_RULE
 from .targets import Budgets, format_validation
 
 DEFAULT_CONFIG = "edgepack.toml"
 
 
 # A build name becomes a directory under --out: no separators, no "..", nothing hidden.
-BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+BUILD_NAME = PLAIN_NAME
 
 
 class DataConfig(BaseModel):
@@ -90,7 +90,7 @@ class BuildConfig(BaseModel):
     @classmethod
     def _plain_name(cls, v):
         if v is not None and not BUILD_NAME.fullmatch(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a directory under --out)")
+            raise ValueError(f"{PLAIN_NAME_RULE} (it names a directory under --out)")
         return v
 
     @field_validator("budgets_off")

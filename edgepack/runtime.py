@@ -6,6 +6,7 @@ copied next to the on-device agent, which must not import edgepack. Keep it that
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,26 @@ def _tflite_interpreter_class():
             "no TFLite runtime: pip install ai-edge-litert (or tflite-runtime on numpy<2 systems)") from e
 
 
+_SIGNATURE_NAME = re.compile(r"(?:args|output)_(\d+)$")
+
+
+def _signature_order(interpreter, details, kind):
+    """litert-torch's signature names inputs args_0.. and outputs output_0.. in PyTorch order;
+    get_*_details() follow the subgraph's order, which may differ. Unchanged without a signature."""
+    try:
+        sigs = interpreter._get_full_signature_list()  # {key: {"inputs": {name: tensor}, "outputs": {...}}}
+    except Exception:
+        return details
+    if len(sigs) != 1:
+        return details
+    named = next(iter(sigs.values())).get(kind, {})
+    keyed = sorted((int(m.group(1)), t) for n, t in named.items() if (m := _SIGNATURE_NAME.match(n)))
+    by_index = {d["index"]: d for d in details}
+    if [k for k, _ in keyed] != list(range(len(details))) or any(t not in by_index for _, t in keyed):
+        return details
+    return [by_index[t] for _, t in keyed]
+
+
 class TFLiteRunner(Runner):
     format = "tflite"
 
@@ -96,8 +117,8 @@ class TFLiteRunner(Runner):
         Interpreter, self.backend, self.backend_version = _tflite_interpreter_class()
         self.interpreter = Interpreter(model_path=str(path), num_threads=int(threads))
         self.interpreter.allocate_tensors()
-        self._in = self.interpreter.get_input_details()
-        self._out = self.interpreter.get_output_details()
+        self._in = _signature_order(self.interpreter, self.interpreter.get_input_details(), "inputs")
+        self._out = _signature_order(self.interpreter, self.interpreter.get_output_details(), "outputs")
         self.input_names = [d["name"] for d in self._in]
         self.input_shapes = [list(int(s) for s in d["shape"]) for d in self._in]
         self.input_dtypes = [np.dtype(d["dtype"]).name for d in self._in]
@@ -111,6 +132,10 @@ class TFLiteRunner(Runner):
                 # Integer-input model fed with float data: quantize with the tensor's own params.
                 info = np.iinfo(d["dtype"])
                 a = np.clip(np.round(a / scale + zero), info.min, info.max)
+            elif np.issubdtype(d["dtype"], np.integer) and a.dtype.kind in "iu" and a.size:
+                info = np.iinfo(d["dtype"])  # int64 token ids into an int32 input must not wrap
+                if a.min() < info.min or a.max() > info.max:
+                    raise ValueError(f"input {d['name']}: values {a.min()}..{a.max()} do not fit {np.dtype(d['dtype']).name}")
             self.interpreter.set_tensor(d["index"], np.ascontiguousarray(a, dtype=d["dtype"]))
         self.interpreter.invoke()
         outs = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +9,7 @@ import typer
 from rich.table import Table
 
 from . import console, out
+from .progress import elapsed_printer
 from ..errors import BudgetNotMet, EdgepackError
 
 
@@ -162,11 +162,7 @@ def register(app: typer.Typer) -> None:
             "latency_runs": latency_runs, "prune": prune_cfg, "device": device,
             "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,
         })
-        t0 = time.perf_counter()
-
-        def progress(msg: str) -> None:
-            if not quiet:
-                console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}", highlight=False)
+        progress = elapsed_printer(quiet)
         result = run_build(cfg, progress=progress)
         if as_json:
             out.print_json(json.dumps({"path": str(result.path), "manifest": result.manifest.model_dump(mode="json")}))

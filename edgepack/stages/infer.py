@@ -16,9 +16,9 @@ CHUNK = 256  # samples materialised at a time
 
 def predict(path: Path, model: LoadedModel, data: Dataset, threads: int = 1, layout: str = "NCHW") -> list[np.ndarray]:
     path = Path(path)
-    if path.suffix == ".tflite":
-        return _chunked(model, data, lambda arrays: run_tflite(path, arrays, layout, threads))
     runner = runtime.open_model(path, threads)
+    if path.suffix == ".tflite":
+        return _chunked(model, data, lambda arrays: run_tflite(path, arrays, layout, threads, runner=runner))
     return _chunked(model, data, lambda arrays: runtime.run_batched(runner, arrays, 32) if model.batchable
                     else runner.run(arrays))
 

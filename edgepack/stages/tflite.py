@@ -13,6 +13,7 @@ from ..cache import hash_module
 from ..errors import EdgepackError
 from ..manifest import TensorSpec
 from ..onnx_tools.export import FlatOutputs, check_parity
+from ..report import table
 from .context import BuildContext
 from .infer import predict
 
@@ -73,12 +74,15 @@ def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     m, module = ctx.model, FlatOutputs(ctx.model.module).eval()
     tflite.require_litert_torch()
     ctx.say(f"converting to TFLite fp32 with litert-torch ({cfg.layout})")
-    rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout)
+    names = {"input_names": m.input_names, "output_names": m.outputs}
+    rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout, **names)
     ctx.say(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)")
-    rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout, num_calib=len(calib))
+    rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout, num_calib=len(calib),
+                               **names)
     keep = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
             "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",
-            "converter", "layout", "inputs", "outputs", "output_order")
+            "converter", "layout", "inputs", "outputs", "input_order", "output_order", "output_order_source",
+            "tflite_names", "notes")
     return {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
             "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
 
@@ -89,7 +93,6 @@ def specs(stage: dict, precision: str) -> tuple[list[TensorSpec], list[TensorSpe
 
 
 def _section(stage: dict) -> str:
-    from ..report import table
     lines = ["## TFLite", "", f"Converted with {stage['int8']['converter']}; int8 scheme: {stage['scheme']}, "
              f"{stage['calibration_samples']} calibration samples.", ""]
     p = stage.get("parity")
