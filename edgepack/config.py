@@ -75,6 +75,7 @@ class BuildConfig(BaseModel):
     # Evaluation samples split off (seeded) to choose with (fallback, early stop); the rest report.
     choose_samples: int = Field(256, ge=0)
     cache: bool = True  # reuse export/int8/TFLite results keyed by content (--no-cache)
+    device_eval_samples: int = Field(256, ge=0)  # evaluation subset shipped to devices (0: none)
     # Accuracy-aware fallback: leave up to this many of the most sensitive nodes in float.
     fallback: bool = True
     max_float_nodes: int = Field(8, ge=0)

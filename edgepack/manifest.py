@@ -40,6 +40,7 @@ class LatencyMs(BaseModel):
     threads: int | None = None
     measured_on: str | None = None  # machine arch; a latency measured off-target is not judged
     input_shapes: dict[str, list[int]] | None = None  # exactly the shapes it was timed at
+    samples_ms: list[float] | None = None  # every timed run (the report plots the distribution)
 
 
 class ArtifactMetrics(BaseModel):
@@ -68,6 +69,16 @@ class Artifact(BaseModel):
     notes: list[str] = []
 
 
+class DataFile(BaseModel):
+    """A data file shipped with the build (the on-device evaluation subset), hashed like an artifact."""
+    path: str
+    sha256: str
+    size_bytes: int
+    samples: int
+    labelled: bool
+    inputs: list[str]  # array names in the .npz, in the model's input order (plus "y" when labelled)
+
+
 class Verdict(BaseModel):
     budget: str  # "min_*" budgets pass at or above the limit, the others at or below
     limit: float | None
@@ -94,6 +105,7 @@ class Manifest(BaseModel):
     config_hash: str = ""
     data_hash: str = ""
     bench: list[dict[str, Any]] = Field(default_factory=list)  # device results, appended by bench
+    eval_subset: DataFile | None = None  # evaluated on the device with its own kernels
 
     def artifact(self, path: str) -> Artifact:
         for a in self.artifacts:

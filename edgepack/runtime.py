@@ -223,6 +223,7 @@ def time_runs(runner: Runner, inputs, warmup: int = 10, runs: int = 50) -> dict:
         "max": float(times.max()), "mean": float(times.mean()), "std": float(times.std()),
         "runs": int(runs), "warmup": int(warmup),
         "throughput_per_s": float(1e3 / times.mean()),
+        "samples_ms": [round(float(t), 4) for t in times],  # every timed run, for distributions
     }
 
 

@@ -23,7 +23,8 @@ def default_build(tmp_path_factory):
 
 def test_default_build_writes_the_contract(default_build):
     path, stdout, err = default_build
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "report.md"]
+    assert sorted(p.name for p in path.iterdir()) == ["eval", "manifest.json", "model.fp32.onnx", "model.int8.onnx",
+                                                      "report.md"]
     m = read_manifest(path)
     assert m.passed and m.primary == "model.int8.onnx" and m.target["name"] == "x86"
     assert m.inputs[0].shape[1:] == [1, 32, 32] and m.inputs[0].layout == "NCHW"
@@ -34,6 +35,9 @@ def test_default_build_writes_the_contract(default_build):
     assert {v.budget for v in m.verdicts} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb",
                                                "size_mb", "max_accuracy_drop", "min_sqnr_db"}
     assert m.versions["onnxruntime"] and m.config_hash and m.data_hash
+    subset = np.load(path / m.eval_subset.path)  # the evaluation subset that ships to devices
+    assert m.eval_subset.sha256 == sha256_file(path / m.eval_subset.path) and m.eval_subset.labelled
+    assert subset["x"].shape == (m.eval_subset.samples, 1, 32, 32) and len(set(subset["y"])) == 10
     assert "PASS" in stdout and "budgets" in stdout and "quantizing to int8" in err
 
 

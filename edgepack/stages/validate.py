@@ -107,4 +107,5 @@ def latency_record(measured: dict) -> LatencyMs:
     lat = measured["latency_ms"]
     return LatencyMs(p50=round(lat["p50"], 4), p90=round(lat["p90"], 4), p99=round(lat["p99"], 4),
                      mean=round(lat["mean"], 4), runs=lat["runs"], threads=measured["threads"],
-                     measured_on=measured.get("machine"), input_shapes=measured.get("input_shapes"))
+                     measured_on=measured.get("machine"), input_shapes=measured.get("input_shapes"),
+                     samples_ms=lat.get("samples_ms"))

@@ -8,20 +8,26 @@ import numpy as np
 from pydantic import BaseModel
 
 from ..version import __version__
-from ..manifest import MANIFEST, Manifest, write_json_atomic
+from ..hashing import sha256_file
+from ..manifest import MANIFEST, DataFile, Manifest, write_json_atomic
 from ..report import write_report
 from .context import BuildContext
 
 NAME = "write"
 
 
+EVAL_SUBSET = "eval/subset.npz"
+MAX_SUBSET_BYTES = 64 << 20  # the subset travels to every device: keep it small
+
+
 class Config(BaseModel):
     name: str
     config_hash: str
+    eval_samples: int = 256  # how many reporting samples ship for evaluation on the device
 
 
 def config(ctx: BuildContext) -> Config:
-    return Config(name=ctx.name, config_hash=ctx.cfg.fingerprint())
+    return Config(name=ctx.name, config_hash=ctx.cfg.fingerprint(), eval_samples=ctx.cfg.device_eval_samples)
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
@@ -37,10 +43,33 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         passed=all(v.ok is not False for v in ctx.verdicts), stages=stages, versions=ctx.versions,
         config_hash=cfg.config_hash,
         data_hash=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}-{d.report.fingerprint()}")
+    manifest.eval_subset = write_eval_subset(ctx, cfg.eval_samples)
     write_json_atomic(ctx.work / MANIFEST, manifest)
     write_report(ctx.work, manifest, ctx.sections)
     ctx.manifest = manifest
-    return {"files": [MANIFEST, "report.md"]}
+    return {"files": [MANIFEST, "report.md"] + ([EVAL_SUBSET] if manifest.eval_subset else [])}
+
+
+def write_eval_subset(ctx: BuildContext, samples: int) -> DataFile | None:
+    """A seeded sample of the reporting data, one array per input (plus y), for the device to run
+    with its own kernels. Bounded: fewer samples when they would exceed MAX_SUBSET_BYTES."""
+    if samples <= 0:
+        return None
+    report = ctx.data.report
+    one = sum(int(np.prod(s.shape[1:] if ctx.model.batchable else s.shape)) * np.dtype(s.dtype).itemsize
+              for s in ctx.model.inputs)
+    n = max(1, min(samples, len(report), MAX_SUBSET_BYTES // max(one, 1)))
+    subset = report.sample(n, seed=0)
+    arrays = dict(zip(subset.names, subset.arrays()))
+    if subset.y is not None:
+        arrays["y"] = np.asarray(subset.y)
+    path = ctx.work / EVAL_SUBSET
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return DataFile(path=EVAL_SUBSET, sha256=sha256_file(path), size_bytes=path.stat().st_size, samples=n,
+                    labelled=subset.y is not None, inputs=subset.names)
 
 
 def _image_layout(spec):
