@@ -81,9 +81,11 @@ def load_model(spec: str, weights: str | None = None, input_shape=None, input_dt
     names = forward_arg_names(module)
     declared = getattr(module, "input_shape", None)
     shapes = _named_shapes(input_shape if input_shape is not None else declared, names, data, spec)
-    if names is None or len(names) < len(shapes):
-        names = list(shapes)
-    names = [n for n in names if n in shapes] if set(shapes) <= set(names) else list(shapes)
+    if isinstance(input_shape, dict) and names is not None and not set(shapes) <= set(names):
+        raise EdgepackError(f"--input-shape names {', '.join(sorted(set(shapes) - set(names)))}, but {spec}'s "
+                            f"forward() takes {', '.join(names)}", "name each input as forward() does")
+    # forward()'s argument order when every input is one of its arguments, else the data's order
+    names = [n for n in names if n in shapes] if names is not None and set(shapes) <= set(names) else list(shapes)
     specs = [TensorSpec(name=n, shape=list(shapes[n]), dtype=_dtype(n, input_dtype, data)) for n in names]
     model = LoadedModel("torch", name, specs, [], module=module, source=spec)
     model.outputs, model.batchable = _probe(module, model, spec)

@@ -12,7 +12,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..data import Dataset
-from ..hashing import sha256_file
 from ..onnx_tools.quantize import node_sensitivity, preprocess, quantize_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..quality import drop, measure
@@ -42,10 +41,11 @@ def config(ctx: BuildContext) -> Config:
 def run(ctx: BuildContext, cfg: Config) -> dict:
     fp32, int8 = ctx.work / FP32, ctx.work / FILE
     d = ctx.data
-    metric_file = [Path(ctx.metric[0].rpartition(":")[0])] if ctx.metric and ctx.metric[0].rpartition(":")[0].endswith(".py") else []
-    key = ctx.cache.key(NAME, config=cfg.model_dump(), files=[fp32, *metric_file],
+    # The fallback aims at the metric: its source is part of the key (a file by content).
+    metric_src = ctx.metric[0].rpartition(":")[0] if ctx.metric else ""
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), files=[fp32, *([Path(metric_src)] if metric_src.endswith(".py") else [])],
                         data=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}", versions=ctx.versions,
-                        blobs=[ctx.metric[0] if ctx.metric else ""])
+                        blobs=[ctx.metric[0].rpartition(":")[2] if ctx.metric else ""])
     record = ctx.restore(NAME, key)
     if record is None:
         q = cfg.scheme
@@ -124,7 +124,3 @@ def _fallback(ctx: BuildContext, cfg: Config, fp32: Path, pre: Path, int8: Path)
 
 def _round(v):
     return None if v is None else round(float(v), 3)
-
-
-def fp32_hash(ctx: BuildContext) -> str:
-    return sha256_file(ctx.work / FP32)
