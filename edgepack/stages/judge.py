@@ -30,6 +30,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     primary = primary_artifact(ctx.artifacts, cfg.primary_format)
     fp32 = next(a for a in ctx.artifacts if a.format == primary.format and a.precision == "fp32")
     value, unit = drop(_figures(fp32), _figures(primary))
+    unit += _noise(primary, unit)
     ctx.verdicts = judge(cfg.budgets, cfg.arch, primary.path, primary.metrics.size_mb, primary.metrics.latency_ms,
                          ctx.peak_mb.get(primary.path), value, judged_elsewhere=ctx.judged_elsewhere,
                          sqnr_db=primary.metrics.sqnr_db, drop_unit=unit)
@@ -38,6 +39,18 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
            f"the target prefers {cfg.primary_format}, but {ctx.records.get('tflite', {}).get('skipped', 'it was not built')}")
     return {"primary": primary.path, "why": why, "drop": value, "drop_unit": unit,
             "passed": all(v.ok is not False for v in ctx.verdicts)}
+
+
+def _noise(a: Artifact, unit: str) -> str:
+    """Sample size, and for a top-1 figure its standard error: a drop within it is noise."""
+    n = a.metrics.samples
+    if not n:
+        return ""
+    p = (a.metrics.accuracy if unit.startswith("top-1") else a.metrics.agreement) if "points" in unit else None
+    if p is None:
+        return f" on {n} samples"
+    se = 100 * (max(p, 1e-9) / 100 * (1 - p / 100) / n) ** 0.5
+    return f" on {n} samples (one standard error of top-1: {max(se, 100 / n):.2f} points)"
 
 
 def _figures(a: Artifact) -> dict:
