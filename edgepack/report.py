@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import report_html  # the module, not a name: report_html imports this module too
 from .manifest import Manifest, write_text_atomic
 
 REPORT = "report.md"
 
 
-def _fmt(v, digits=2, suffix=""):
+def fmt(v, digits=2, suffix=""):
     if v is None:
         return "-"
     return f"{v:.{digits}f}{suffix}" if isinstance(v, float) else f"{v}{suffix}"
@@ -19,10 +20,10 @@ def artifact_rows(m: Manifest, peak_mb: dict | None = None) -> list[list[str]]:
     rows = []
     for a in m.artifacts:
         lat, q = a.metrics.latency_ms, a.metrics
-        rows.append([a.path, a.format, a.precision, _fmt(a.size_bytes / 1e6, 3), _fmt(q.accuracy),
-                     _fmt(q.agreement), _fmt(q.metric, 4), _fmt(q.sqnr_db, 1),
-                     _fmt(lat.p50 if lat else None, 3), _fmt(lat.p90 if lat else None, 3),
-                     _fmt((peak_mb or {}).get(a.path), 1)])
+        rows.append([a.path, a.format, a.precision, fmt(a.size_bytes / 1e6, 3), fmt(q.accuracy),
+                     fmt(q.agreement), fmt(q.metric, 4), fmt(q.sqnr_db, 1),
+                     fmt(lat.p50 if lat else None, 3), fmt(lat.p90 if lat else None, 3),
+                     fmt((peak_mb or {}).get(a.path), 1)])
     return rows
 
 
@@ -43,14 +44,14 @@ def io_section(m: Manifest) -> list[str]:
     if fid:
         lines += ["Per-output fidelity against the float model (SQNR dB / cosine / max abs diff):", "",
                   table(["artifact", "output", "SQNR dB", "cosine", "max abs diff"],
-                        [[a.path, n, _fmt(o["sqnr_db"], 1), f"{o['cosine']:.5f}", f"{o['max_abs_diff']:.3g}"]
+                        [[a.path, n, fmt(o["sqnr_db"], 1), f"{o['cosine']:.5f}", f"{o['max_abs_diff']:.3g}"]
                          for a, n, o in fid]), ""]
     return lines
 
 
 def verdict_rows(verdicts) -> list[list[str]]:
     mark = {True: "pass", False: "FAIL", None: "not judged"}
-    return [[v.budget, _fmt(v.limit), _fmt(v.value, 3), mark[v.ok], v.note or ""] for v in verdicts]
+    return [[v.budget, fmt(v.limit), fmt(v.value, 3), mark[v.ok], v.note or ""] for v in verdicts]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -90,7 +91,7 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
         p = exp["parity"]
         parts += ["## Export", "", f"ONNX opset 17, simplified to {exp['nodes']} nodes in {exp['seconds']} s. "
                   f"Parity with PyTorch on {p['samples']} samples: max abs diff {p['max_abs_diff']:.3g}, "
-                  f"cosine {p['cosine']:.6f}, top-1 agreement {_fmt(p['top1_agreement'])}%.", ""]
+                  f"cosine {p['cosine']:.6f}, top-1 agreement {fmt(p['top1_agreement'])}%.", ""]
     q = m.stages.get("quantize")
     if q:
         parts += ["## Quantization", "", f"Static int8, QDQ, {q['activation_type']} activations, "
@@ -124,6 +125,7 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
 def write_report(build_dir: Path, m: Manifest, sections: dict[str, Any]) -> Path:
     path = Path(build_dir) / REPORT
     write_text_atomic(path, render(m, sections))
+    report_html.write_html(build_dir, m, sections.get("peak_mb"))
     return path
 
 

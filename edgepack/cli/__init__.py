@@ -2,12 +2,18 @@
 
 Each command group is a module with `register(app)`; errors become messages and exit codes in
 `main()` (EdgepackError: 2, BudgetNotMet: 1), with a traceback only under --debug.
+
+Output contract: results go to stdout (`out`), everything else (progress, warnings, errors) to
+stderr (`console`). With `--json` a command prints exactly one JSON document on stdout
+(`emit_json`); `-q` before the command (`edgepack -q build ...`) silences stderr except errors.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
+from contextlib import contextmanager, redirect_stdout
 
 import typer
 from rich.console import Console
@@ -21,13 +27,37 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 out = Console(width=None if sys.stdout.isatty() else 140)
 
 # Command modules; each defines register(app). Order is the order of `edgepack --help`.
-COMMAND_MODULES = ["build", "prune", "targets", "devices", "emulate", "cache"]
+COMMAND_MODULES = ["build", "prune", "report", "compare", "targets", "devices", "emulate", "cache"]
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks on errors")):
+def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks on errors"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or notes on stderr (errors still show)")):
     if debug:
         os.environ["EDGEPACK_DEBUG"] = "1"
+    console.quiet = quiet  # every progress line and note goes through `console`
+
+
+def emit_json(data) -> None:
+    """The one JSON document a `--json` command prints on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def stdout_to_stderr(active: bool = True):
+    """While a `--json` command works, whatever a library prints goes to stderr, not into the JSON."""
+    if not active:
+        yield
+        return
+    with redirect_stdout(sys.stderr):
+        yield
+
+
+def reporter(quiet: bool = False, as_json: bool = False):
+    """A progress reporter (edgepack.progress.Progress) honouring the command's and the root `-q`."""
+    from ..progress import Progress
+    return Progress(quiet=quiet or console.quiet, json_mode=as_json)
 
 
 _registered = False
@@ -51,10 +81,12 @@ def _register_all() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register_all()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    console.quiet = False  # main() may run many times in one process; `-q` is per invocation
     try:
         app(args=argv, standalone_mode=False)
         return 0
     except EdgepackError as e:
+        console.quiet = False  # `-q` silences progress, never the reason a command failed
         if debug:
             console.print_exception()
         console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
@@ -67,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # click usage errors and friends
+        console.quiet = False
         import click
         if isinstance(e, click.exceptions.ClickException):
             e.show()

@@ -3,14 +3,12 @@
 parse and call edgepack.emulate; nothing else lives here."""
 from __future__ import annotations
 
-import json
-import sys
 from typing import Optional
 
 import typer
 
 from ..errors import EdgepackError
-from . import console, out
+from . import console, emit_json, out
 
 HELP = ("Prepare an emulated aarch64 device (qemu-user + Debian arm64 Python + aarch64 onnxruntime "
         "and ai-edge-litert, cached) and register it as a device; or --remove it.")
@@ -35,7 +33,7 @@ def emulate(
         target = what or name
         removed = remove_emulator(target, keep_cache=keep_cache)
         if as_json:
-            sys.stdout.write(json.dumps(removed, indent=2) + "\n")
+            emit_json(removed)
             return
         for k, label in (("devices", "device file"), ("workdirs", "workdir"), ("caches", "cache")):
             for p in removed[k]:
@@ -52,7 +50,7 @@ def emulate(
     path = register_emulated_device(dev_name, kind, emulator=env)
     result = env.to_dict() | {"device": dev_name, "device_file": str(path)}
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        emit_json(result)
         return
     v = env.versions
     how = (f"prepared in {env.prepare_seconds:.0f} s" if env.prepare_seconds is not None

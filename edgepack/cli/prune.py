@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import console, out
+from . import console, emit_json, out, stdout_to_stderr
 from .progress import elapsed_printer
 from ..errors import EdgepackError
 
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         out_path: Path = typer.Option(Path("pruned.safetensors"), "--out", "-o", help="pruned model file (safetensors)"),
         record_path: Optional[Path] = typer.Option(None, "--record", help="also write the pruning record as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
+        as_json: bool = typer.Option(False, "--json", help="print the pruning record as JSON"),
     ):
         # Imported when the command runs: they bring torch (seconds), and the CLI imports every
         # command module at start-up.
@@ -80,17 +81,25 @@ def register(app: typer.Typer) -> None:
                                for k, v in info.items() if k != "stage" and v is not None)
             say(f"{info.get('stage', 'prune')}: {detail}")
 
-        pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
-                                         train_ds, eval_ds, progress)
+        # torch-pruning's MAC counter prints its warnings to stdout: keep them out of the JSON.
+        with stdout_to_stderr(as_json):
+            pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
+                                             train_ds, eval_ds, progress)
+        for warning in record.warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if record.ratio == 0.0:  # a latency goal the unpruned model already meets
+            if as_json:
+                emit_json({"written": None, "record_file": None, "record": record.to_dict()})
+                return
             console.print(f"[yellow]{model} already meets the {profile.budgets.latency_p50_ms} ms budget of "
                           f"{profile.name}: nothing pruned, nothing written[/]", highlight=False)
             return
         save_pruned(pruned, out_path, record)
         if record_path is not None:
             record_path.write_text(json.dumps(record.to_dict(), indent=1))
-        for warning in record.warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-        if not quiet:
+        if as_json:
+            emit_json({"written": str(out_path), "record_file": str(record_path) if record_path else None,
+                       "record": record.to_dict()})
+        elif not quiet:
             out.print(record.markdown(), highlight=False, markup=False)
             out.print(f"wrote {out_path} (load with edgepack.prune.load_pruned(factory(), path))")

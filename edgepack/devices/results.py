@@ -15,7 +15,7 @@ from pathlib import Path
 from ..manifest import build_lock, read_manifest, write_json_atomic
 from ..names import plain_name
 # report.md's one number formatter ("-" for a missing value), so both sections read alike.
-from ..report import _fmt, append_section
+from ..report import append_section, fmt as _fmt
 
 
 def utc_stamp(now: datetime | None = None) -> str:

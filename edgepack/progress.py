@@ -1,0 +1,180 @@
+"""Progress for long work (calibration, fine-tuning, conversion, fleet benches), on stderr only.
+
+    reporter = Progress(quiet=False, json_mode=False)
+    with reporter.task("calibrating", total=256) as t:
+        for batch in batches:
+            ...
+            t.advance(len(batch))
+    reporter("exported to ONNX")   # a one-line message, like the `progress=` callbacks take
+
+On a terminal a task is a live rich bar with elapsed time and, once a total is known and some
+work is done, the time remaining. Elsewhere (logs, CI, pipes) each task prints one line when it
+starts and one when it ends, never a stream of redraws. `json_mode` prints those events as JSON
+lines, so a caller whose stdout carries `--json` output can still follow along on stderr.
+Nothing is ever written to stdout. `quiet` silences everything; `NullProgress` (the Python API's
+default) does nothing at all.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class Task:
+    """One piece of work: `advance(n)`, `update(completed=, total=, description=)`."""
+
+    def __init__(self, owner: "Progress", description: str, total: float | None):
+        self.description, self.total, self.completed = description, total, 0.0
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self._owner, self._id, self._said = owner, None, self.started
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left at the pace so far; None without a total or before any work is done."""
+        if not self.total or self.completed <= 0:
+            return None
+        return max(0.0, self.elapsed * (self.total - self.completed) / self.completed)
+
+    def advance(self, n: float = 1) -> None:
+        with self._owner._lock:
+            self.completed += n
+        self._owner._changed(self)
+
+    def update(self, completed: float | None = None, total: float | None = None,
+               description: str | None = None) -> None:
+        if completed is not None:
+            self.completed = completed
+        if total is not None:
+            self.total = total
+        if description is not None:
+            self.description = description
+        self._owner._changed(self)
+
+
+class Progress:
+    """Progress lines and bars on stderr (or on `file`, for tests); see the module docstring."""
+
+    def __init__(self, quiet: bool = False, json_mode: bool = False, file: IO[str] | None = None,
+                 every_s: float = 10.0):
+        self.quiet, self.json_mode, self.every_s = quiet, json_mode, every_s
+        self._file = file
+        self._t0 = time.perf_counter()
+        self._lock = threading.RLock()  # fleet benches report from several threads
+        self._bars: RichProgress | None = None
+        self._open = 0
+        # file=None: rich resolves sys.stderr at every write, so redirections made later still apply.
+        self._console = Console(file=file, stderr=True, highlight=False, soft_wrap=True)
+        self.live = not json_mode and self._console.is_terminal
+
+    def __call__(self, message: str) -> None:
+        """A one-line message, prefixed with the seconds since this reporter was made."""
+        if self.quiet:
+            return
+        with self._lock:
+            if self.json_mode:
+                self._event({"event": "message", "message": message})
+            elif self._bars is not None:
+                self._bars.console.print(f"[dim]{self._since():6.1f}s[/] {message}", markup=True)
+            else:
+                self._console.print(f"[dim]{self._since():6.1f}s[/] {message}")
+
+    say = __call__
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+        task = Task(self, description, total)
+        self._start(task)
+        ok = False
+        try:
+            yield task
+            ok = True
+        finally:
+            task.finished = time.perf_counter()
+            self._end(task, ok)
+
+    def _since(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _event(self, data: dict) -> None:
+        self._console.file.write(json.dumps({"t": round(self._since(), 3), **data}) + "\n")
+        self._console.file.flush()
+
+    def _start(self, task: Task) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if self.json_mode:
+                self._event({"event": "start", "task": task.description, "total": task.total})
+            elif self.live:
+                if self._bars is None:
+                    self._bars = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                              MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                              TimeRemainingColumn(), console=self._console, transient=False)
+                    self._bars.start()
+                task._id = self._bars.add_task(task.description, total=task.total)
+                self._open += 1
+            else:
+                self(f"{task.description}" + (f" ({_num(task.total)} to do)" if task.total else "") + " ...")
+
+    def _changed(self, task: Task) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if self._bars is not None and task._id is not None:
+                self._bars.update(task._id, completed=task.completed, total=task.total, description=task.description)
+                return
+            now = time.perf_counter()
+            if now - task._said < self.every_s:  # logs get a line every `every_s`, not every advance
+                return
+            task._said = now
+            left = task.remaining
+            if self.json_mode:
+                self._event({"event": "progress", "task": task.description, "completed": task.completed,
+                             "total": task.total, "elapsed_s": round(task.elapsed, 3),
+                             "remaining_s": None if left is None else round(left, 1)})
+            else:
+                done = f"{_num(task.completed)}/{_num(task.total)}" if task.total else _num(task.completed)
+                self(f"{task.description}: {done}, {task.elapsed:.1f} s"
+                     + (f", about {left:.1f} s left" if left is not None else ""))
+
+    def _end(self, task: Task, ok: bool) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if self.json_mode:
+                self._event({"event": "end", "task": task.description, "ok": ok, "completed": task.completed,
+                             "total": task.total, "elapsed_s": round(task.elapsed, 3)})
+            elif self._bars is not None and task._id is not None:
+                self._bars.update(task._id, completed=task.completed)
+                self._open -= 1
+                if self._open == 0:
+                    self._bars.stop()
+                    self._bars = None
+            else:
+                done = f"{_num(task.completed)}/{_num(task.total)}" if task.total else _num(task.completed)
+                self(f"{task.description}: {'done' if ok else 'FAILED'} ({done}) in {task.elapsed:.1f} s")
+
+
+class NullProgress(Progress):
+    """Does nothing: the default of the Python API, which prints nothing unless asked."""
+
+    def __init__(self):
+        super().__init__(quiet=True)
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "?"
+    return str(int(v)) if float(v).is_integer() else f"{v:.3g}"
