@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import report_html  # the module, not a name: report_html imports this module too
 from .manifest import Manifest, write_text_atomic
 
 REPORT = "report.md"
@@ -125,7 +124,6 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
 def write_report(build_dir: Path, m: Manifest, sections: dict[str, Any]) -> Path:
     path = Path(build_dir) / REPORT
     write_text_atomic(path, render(m, sections))
-    report_html.write_html(build_dir, m, sections.get("peak_mb"))
     return path
 
 

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from . import report as md  # the module, not names: report.py imports this module too
+from . import report as md
 from .manifest import Manifest, read_manifest, write_text_atomic
 
 HTML = "report.html"
@@ -305,3 +305,8 @@ def write_html(build_dir: Path, m: Manifest | None = None, peak_mb: dict | None 
     path = build_dir / HTML
     write_text_atomic(path, render_html(build_dir, m, peak_mb))
     return path
+
+
+def write_reports(build_dir: Path, m: Manifest, sections: dict) -> tuple[Path, Path]:
+    """report.md (edgepack.report) and report.html, from the same manifest and sections."""
+    return md.write_report(build_dir, m, sections), write_html(build_dir, m, sections.get("peak_mb"))

@@ -24,7 +24,7 @@ def default_build(tmp_path_factory):
 def test_default_build_writes_the_contract(default_build):
     path, stdout, err = default_build
     assert sorted(p.name for p in path.iterdir()) == ["eval", "manifest.json", "model.fp32.onnx", "model.int8.onnx",
-                                                      "report.md"]
+                                                      "report.html", "report.md"]
     m = read_manifest(path)
     assert m.passed and m.primary == "model.int8.onnx" and m.target["name"] == "x86"
     assert m.inputs[0].shape[1:] == [1, 32, 32] and m.inputs[0].layout == "NCHW"

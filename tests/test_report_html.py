@@ -21,8 +21,7 @@ from PIL import Image
 from conftest import run_cli
 from edgepack.manifest import (Artifact, ArtifactMetrics, LatencyMs, Manifest, TensorSpec, Verdict, read_manifest,
                                write_json_atomic)
-from edgepack.report import write_report
-from edgepack.report_html import HTML, render_html, sensitivity_lists, write_html
+from edgepack.report_html import HTML, render_html, sensitivity_lists, write_html, write_reports
 
 ARTIFACTS = Path(os.environ.get("EDGEPACK_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 IMG = re.compile(r'<img src="([^"]*)" alt="([^"]*)"')
@@ -149,9 +148,9 @@ def test_sensitivity_falls_back_to_the_fallback_ranking(tmp_path):
     assert len(images(page)) == 1 and "Per-layer int8 sensitivity" not in page
 
 
-def test_write_report_writes_the_html_beside_the_markdown(tmp_path):
+def test_write_reports_writes_the_html_beside_the_markdown(tmp_path):
     b = synthetic_build(tmp_path / "b")
-    write_report(b, read_manifest(b), {})
+    write_reports(b, read_manifest(b), {})
     assert (b / "report.md").exists() and (b / HTML).read_text().startswith("<!DOCTYPE html>")
 
 

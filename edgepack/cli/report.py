@@ -18,7 +18,7 @@ def _sections(build_dir: Path, m) -> dict:
     from ..prune.record import LayerChange, PruneRecord
     from ..report import table
     from ..report_html import bench_results, peak_from_notes
-    from ..stages.tflite import _section as tflite_section
+    from ..stages.tflite import section as tflite_section
     sections: dict = {"peak_mb": peak_from_notes(m)}
     p = m.stages.get("prune")
     if p and p.get("skipped"):
@@ -76,12 +76,11 @@ def register(app: typer.Typer) -> None:
                open_: bool = typer.Option(False, "--open", help="open report.html in the system browser"),
                as_json: bool = typer.Option(False, "--json", help="print the paths written as JSON")):
         from ..manifest import build_lock, read_manifest
-        from ..report import write_report
-        from ..report_html import HTML
+        from ..report_html import HTML, write_reports
         read_manifest(build_dir)  # a clear error for a directory that is not a build, before the lock
         with build_lock(build_dir):  # a bench finishing now would append to the report being rewritten
             m = read_manifest(build_dir)
-            md = write_report(build_dir, m, _sections(build_dir, m))
+            md, _ = write_reports(build_dir, m, _sections(build_dir, m))
         page = build_dir / HTML
         opened = _open(page) if open_ else None
         if as_json:

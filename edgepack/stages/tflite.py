@@ -66,7 +66,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         ctx.sections[NAME] = f"## TFLite\n\nNot produced: {e.message}\n"
         return {"skipped": e.message}
     ctx.outputs[FP32], ctx.outputs[INT8] = out32, out8
-    ctx.sections[NAME] = _section(stage)
+    ctx.sections[NAME] = section(stage)
     return stage
 
 
@@ -92,7 +92,7 @@ def specs(stage: dict, precision: str) -> tuple[list[TensorSpec], list[TensorSpe
     return [TensorSpec(**s) for s in rec["inputs"]], [TensorSpec(**s) for s in rec["outputs"]]
 
 
-def _section(stage: dict) -> str:
+def section(stage: dict) -> str:
     lines = ["## TFLite", "", f"Converted with {stage['int8']['converter']}; int8 scheme: {stage['scheme']}, "
              f"{stage['calibration_samples']} calibration samples.", ""]
     p = stage.get("parity")

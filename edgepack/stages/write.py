@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from ..version import __version__
 from ..hashing import sha256_file
 from ..manifest import MANIFEST, DataFile, Manifest, write_json_atomic
-from ..report import write_report
+from ..report_html import HTML, write_reports
 from .context import BuildContext
 
 NAME = "write"
@@ -45,9 +45,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         data_hash=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}-{d.report.fingerprint()}")
     manifest.eval_subset = write_eval_subset(ctx, cfg.eval_samples)
     write_json_atomic(ctx.work / MANIFEST, manifest)
-    write_report(ctx.work, manifest, ctx.sections)
+    write_reports(ctx.work, manifest, ctx.sections)
     ctx.manifest = manifest
-    return {"files": [MANIFEST, "report.md"] + ([EVAL_SUBSET] if manifest.eval_subset else [])}
+    return {"files": [MANIFEST, "report.md", HTML] + ([EVAL_SUBSET] if manifest.eval_subset else [])}
 
 
 def write_eval_subset(ctx: BuildContext, samples: int) -> DataFile | None:
