@@ -370,8 +370,12 @@ def tidy_model(model: onnx.ModelProto, stems: bool = True, align_channels: bool 
     return model, record
 
 
-def tidy_qdq(int8_path: Path, out_path: Path | None = None, **options) -> dict:
-    """Tidy the QDQ model at `int8_path`, writing `out_path` (default: in place, atomically)."""
+def tidy_qdq(int8_path: Path, out_path: Path | None = None, *, stems: bool = True,
+             align_channels: bool = True) -> dict:
+    """Tidy the QDQ model at `int8_path`, writing `out_path` (default: in place, atomically).
+
+    `stems` enables the space-to-depth rewrite, `align_channels` the channel padding (both
+    measured faster with ONNX Runtime on x86; OpenVINO ran the untidied file as fast or faster)."""
     int8_path = Path(int8_path)
     out_path = Path(out_path) if out_path else int8_path
     try:
@@ -379,7 +383,7 @@ def tidy_qdq(int8_path: Path, out_path: Path | None = None, **options) -> dict:
     except Exception as e:
         raise EdgepackError(f"cannot read the int8 model {int8_path}: {type(e).__name__}: {e}",
                             "pass the QDQ .onnx file written by the quantize stage") from e
-    model, record = tidy_model(model, **options)
+    model, record = tidy_model(model, stems=stems, align_channels=align_channels)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
