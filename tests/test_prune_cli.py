@@ -6,7 +6,7 @@ import json
 import torch
 
 from conftest import run_cli
-from edgepack.stages.load import import_attr
+from edgepack.userimport import import_attr
 from edgepack.prune import load_pruned
 
 
@@ -20,7 +20,7 @@ def test_prune_cli_writes_a_loadable_pruned_model(user_model, tmp_path):
     assert "## Pruning" in stdout and "fine-tune" in err
     record = json.loads(rec.read_text())
     assert record["macs_after"] < record["macs_before"] and record["finetune"][0]["distill"]
-    model = load_pruned(import_attr(user_model["model"])(), out)
+    model = load_pruned(import_attr(user_model["model"], "model")(), out)
     assert model.body[0].out_channels == 8 and model.head.out_features == 4
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
 
