@@ -23,8 +23,15 @@ class Strict(BaseModel):
 
 
 class Quantization(Strict):
+    # "fixed": the types below are used as written. "auto": edgepack.scheme chooses them (and
+    # reduce_range) from the device CPU's int8 flags at build time; the fields below are then the
+    # default used when those flags are unknown.
+    scheme: Literal["fixed", "auto"] = "fixed"
     activation_type: Literal["QInt8", "QUInt8"] = "QUInt8"
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    # 7-bit weights: keeps ONNX Runtime's U8S8 kernels on x86 without VNNI (vpmaddubsw sums
+    # pairs in int16) from saturating, at the cost of one bit of weight precision.
+    reduce_range: bool = False
     per_channel: bool = True
     calibration_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
     calibration_samples: int = Field(256, ge=1)
@@ -57,6 +64,15 @@ class TargetProfile(Strict):
     @property
     def primary_format(self) -> str:
         return "tflite" if self.runtime == "tflite" and "tflite" in self.formats else "onnx"
+
+
+# How platform.machine() and OS vendors spell the profile architectures.
+ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64", "armv7": "armv7l", "armhf": "armv7l"}
+
+
+def normalize_arch(machine: str | None) -> str | None:
+    """A machine name as a profile `arch` spells it ("arm64" -> "aarch64"); None stays None."""
+    return ARCH_ALIASES.get(machine.lower(), machine.lower()) if machine else None
 
 
 def user_dirs() -> list[Path]:
