@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgepackError
+from ._quiet import MAX_KEPT, child_env
 
 
 def tmp_path_for(out: Path) -> Path:
@@ -55,7 +56,9 @@ def run_in_child(job: dict, program: torch.export.ExportedProgram, example_input
         if samples is not None:  # one array per model input, in argument order
             np.savez(d / "calib.npz", **{f"input{i}": a for i, a in enumerate(samples)})
         (d / "job.json").write_text(json.dumps({**job, "out": str(tmp_out)}))
-        env = dict(os.environ)
+        # Native INFO/WARNING lines (absl, XNNPACK, oneDNN) go to the child's log, not the
+        # terminal; the log's tail is attached to errors (see _quiet).
+        env = child_env(os.environ)
         # litert-torch prints a progress tree for every stage; edgepack reports its own.
         env.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
         root = str(Path(__file__).resolve().parents[2])  # makes `edgepack` importable as-is
@@ -82,6 +85,8 @@ def run_in_child(job: dict, program: torch.export.ExportedProgram, example_input
         if result_file.exists():
             result = json.loads(result_file.read_text())
             result["child_seconds"] = elapsed
+            if result.get("status") != "ok":
+                result["log"] = (d / "log.txt").read_text(errors="replace")[-MAX_KEPT:]
             return result
         if code == -signal.SIGKILL:
             raise EdgepackError(

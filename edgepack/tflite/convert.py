@@ -21,6 +21,7 @@ from ..data import Dataset
 from ..errors import EdgepackError, MissingExtra
 from ..manifest import sha256_file
 from ._isolate import publish, run_in_child, tmp_path_for
+from ._quiet import quiet_native
 from ._worker import convert_program
 from .inspect import inspect_tflite
 
@@ -33,7 +34,8 @@ INT8_SCHEME = ("PT2E static: per-channel symmetric int8 weights, per-tensor int8
 def require_litert_torch():
     """Return the `litert_torch` module or raise `MissingExtra` with the install command."""
     try:
-        import litert_torch
+        with quiet_native():  # its import prints oneDNN, torchao and absl lines on fd 2
+            import litert_torch
     except ImportError as e:
         raise MissingExtra("TFLite output needs litert-torch, which is not installed",
                            INSTALL_HINT) from e
@@ -121,7 +123,8 @@ def _convert(precision, model, example_inputs, samples, out: Path, layout, timeo
                 raise EdgepackError(f"{what} ran out of memory",
                                     "free memory or use a machine with more RAM")
             err = _explain(result["type"], result["message"], program)
-            err.detail = result.get("traceback")  # the child's traceback, for --debug
+            # The child's traceback and what it printed (its native log lines), for --debug.
+            err.detail = "\n".join(p for p in (result.get("traceback"), result.get("log")) if p)
             raise err
         publish(tmp, out, what)
     finally:
@@ -163,15 +166,18 @@ def _export(model, example_inputs, strict_first: bool):
 
 
 def _in_process(precision, program, example_inputs, samples, batch, tmp) -> dict:
-    try:
-        return {"status": "ok", "record": convert_program(precision, program, example_inputs,
-                                                          samples, batch, tmp)}
-    except MemoryError:
-        return {"status": "error", "type": "MemoryError", "message": "", "traceback": ""}
-    except Exception as e:
-        import traceback
-        return {"status": "error", "type": type(e).__name__, "message": str(e),
-                "traceback": traceback.format_exc()}
+    with quiet_native() as printed:
+        try:
+            return {"status": "ok", "record": convert_program(precision, program, example_inputs,
+                                                              samples, batch, tmp)}
+        except MemoryError:
+            return {"status": "error", "type": "MemoryError", "message": "", "traceback": ""}
+        except Exception as e:
+            import traceback
+            failure = {"status": "error", "type": type(e).__name__, "message": str(e),
+                       "traceback": traceback.format_exc()}
+    failure["log"] = printed.text  # filled in once stderr is restored
+    return failure
 
 
 def _record(out: Path, precision: str, layout: str, child: dict, lt, names) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import EdgepackError
 from ..runtime import open_model, run_batched
+from ._quiet import quiet_native
 from .inspect import read_io
 
 
@@ -84,7 +85,9 @@ def run_tflite(path: Path, inputs, layout: str = "NCHW", threads: int = 1, runne
                             "give every input the same number of samples (axis 0)")
     fed = [_cast(_to_layout(a, layout), s, f"{Path(path).name} input {i} ({s['name']})")
            for i, (a, s) in enumerate(zip(arrays, io["inputs"]))]
-    runner = runner or open_model(path, threads)
+    if runner is None:
+        with quiet_native():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            runner = open_model(path, threads)
     # Runner order <- PyTorch order for the inputs; PyTorch order <- runner order for outputs.
     arg_at = _positions([s["name"] for s in io["inputs"]], list(runner.input_names),
                         list(np.argsort(io["input_order"])))
