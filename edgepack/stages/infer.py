@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import runtime
 from ..data import Dataset
-from ..tflite import run_tflite
+from ..tflite import quiet_native, run_tflite
 from .context import BuildContext, LoadedModel, gather
 
 CHUNK = 256  # samples materialised at a time
@@ -16,7 +16,8 @@ CHUNK = 256  # samples materialised at a time
 
 def predict(path: Path, model: LoadedModel, data: Dataset, threads: int = 1, layout: str = "NCHW") -> list[np.ndarray]:
     path = Path(path)
-    runner = runtime.open_model(path, threads)
+    with quiet_native():  # XNNPACK's INFO line on the first interpreter of the process
+        runner = runtime.open_model(path, threads)
     if path.suffix == ".tflite":
         return _chunked(model, data, lambda arrays: run_tflite(path, arrays, layout, threads, runner=runner))
     return _chunked(model, data, lambda arrays: runtime.run_batched(runner, arrays, 32) if model.batchable

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..data import Dataset
 from ..onnx_tools.quantize import node_sensitivity, preprocess, quantize_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
 from ..quality import drop, measure
+from ..scheme import scheme_for_build, scheme_name
 from ..targets import Quantization
 from .context import BuildContext
 from .export import FILE as FP32
@@ -26,7 +27,8 @@ FILE = "model.int8.onnx"
 
 
 class Config(BaseModel):
-    scheme: Quantization
+    scheme: Quantization  # concrete (chosen from the CPU's flags): the cache key follows the choice
+    choice: dict = Field(default_factory=dict, exclude=True)  # why this scheme; kept out of the key
     fallback: bool = True
     max_float_nodes: int = 8
     max_accuracy_drop: float | None = None
@@ -36,7 +38,10 @@ class Config(BaseModel):
 
 def config(ctx: BuildContext) -> Config:
     b = ctx.profile.budgets
-    return Config(scheme=ctx.profile.quantization, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
+    # With --device the device's own flags would decide; until the device check reports them the
+    # flags are unknown there and the profile's default stands (the record says so).
+    scheme, choice = scheme_for_build(ctx.profile, ctx.device.name if ctx.device is not None else None)
+    return Config(scheme=scheme, choice=choice, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
                   max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
                   tidy=ctx.profile.arch == "x86_64")
 
@@ -52,8 +57,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     record = ctx.restore(NAME, key)
     if record is None:
         q = cfg.scheme
-        ctx.say(f"quantizing to int8 ({q.activation_type} activations, {q.weight_type} weights, "
+        ctx.say(f"quantizing to int8 ({scheme_name(q)}: {cfg.choice.get('reason', '')}; "
                 f"{q.calibration_method} calibration on {min(len(d.calib), q.calibration_samples)} samples)")
+        if cfg.choice.get("warning"):
+            ctx.say(f"warning: {cfg.choice['warning']}")
         pre = preprocess(fp32, ctx.work / ".pre.onnx")
         try:
             record = quantize_onnx(fp32, int8, d.calib, q, ctx.profile.threads, preprocessed=pre)
@@ -67,6 +74,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
             record["tidy"] = tidy_qdq(int8)
         record["float_nodes"] = float_nodes(int8)
         ctx.store(NAME, key, {FILE: int8}, record)
+    record["int8_scheme"] = cfg.choice
     if record.get("fallback"):
         ctx.records["fallback"] = record["fallback"]
     ctx.outputs[FILE] = predict_onnx(ctx, int8)

@@ -6,6 +6,8 @@ is the one judged (ONNX Runtime runs on the Pi and on Android), and the report s
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from .. import tflite
@@ -13,6 +15,7 @@ from ..cache import hash_module
 from ..errors import EdgepackError
 from ..manifest import TensorSpec
 from ..onnx_tools.export import FlatOutputs, check_parity
+from ..quality import drop, measure
 from ..report import table
 from .context import BuildContext
 from .infer import predict
@@ -29,6 +32,11 @@ class Config(BaseModel):
     calibration_samples: int
     optional: bool
     inputs: list[dict]
+    # The accuracy-aware fallback (ai-edge-quantizer, ops left float) aims at these budgets.
+    fallback: bool = True
+    max_float_ops: int = 8
+    max_accuracy_drop: float | None = None
+    min_sqnr_db: float | None = None
 
 
 def config(ctx: BuildContext) -> Config | None:
@@ -40,15 +48,19 @@ def config(ctx: BuildContext) -> Config | None:
         ctx.sections[NAME] = f"## TFLite\n\nNot produced: {ONNX_INPUT_NOTE}.\n"
         return None
     n_cal = min(len(ctx.data.calib), ctx.profile.quantization.calibration_samples, MAX_CALIB)
+    b = ctx.profile.budgets
     return Config(layout=ctx.profile.layout, calibration_samples=n_cal, optional=ctx.profile.tflite_optional,
-                  inputs=[s.model_dump() for s in ctx.model.inputs])
+                  inputs=[s.model_dump() for s in ctx.model.inputs], fallback=ctx.cfg.fallback,
+                  max_float_ops=ctx.cfg.max_float_nodes, max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db)
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
     m = ctx.model
     calib = ctx.data.calib.sample(cfg.calibration_samples, seed=0)
-    key = ctx.cache.key(NAME, config=cfg.model_dump(), blobs=[hash_module(m.module)], data=calib.fingerprint(),
-                        versions=ctx.versions)
+    metric = ctx.metric[0] if ctx.metric else ""
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), blobs=[hash_module(m.module), metric],
+                        files=[Path(metric.rpartition(":")[0])] if metric.rpartition(":")[0].endswith(".py") else [],
+                        data=f"{calib.fingerprint()}-{ctx.data.choose.fingerprint()}", versions=ctx.versions)
     try:
         stage = ctx.restore(NAME, key)
         if stage is None:
@@ -79,12 +91,39 @@ def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     ctx.say(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)")
     rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout, num_calib=len(calib),
                                **names)
-    keep = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
-            "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",
-            "converter", "layout", "inputs", "outputs", "input_order", "output_order", "output_order_source",
-            "tflite_names", "notes")
-    return {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
-            "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
+    keep = KEEP
+    stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
+             "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
+    if cfg.fallback:
+        fb = tflite.fallback(ctx.work / FP32, ctx.work / INT8, calib, _misses(ctx, cfg), max_float_ops=cfg.max_float_ops,
+                             layout=cfg.layout, threads=ctx.profile.threads, say=ctx.say, **names)
+        if fb:
+            stage["fallback"] = fb
+            if fb.get("replaced"):
+                stage["int8"] = {k: fb["artifact"].get(k) for k in keep}  # new IO scales for the manifest
+    report = tflite.int8_report(ctx.work / FP32, ctx.work / INT8, calib.arrays(), cfg.layout, top=10, samples=32)
+    stage["sensitivity"] = report
+    return stage
+
+
+def _misses(ctx: BuildContext, cfg: Config):
+    """Whether an int8 .tflite misses a quality budget on the samples set aside to choose with."""
+    m, choose = ctx.model, ctx.data.choose
+    reference = predict(ctx.work / FP32, m, choose, ctx.profile.threads, cfg.layout)
+    ref = measure(reference, m.outputs, choose.y, reference, ctx.metric)
+
+    def misses(path: Path) -> tuple[bool, float | None]:
+        q = measure(predict(path, m, choose, ctx.profile.threads, cfg.layout), m.outputs, choose.y, reference, ctx.metric)
+        value, _ = drop(ref, q)
+        return ((cfg.max_accuracy_drop is not None and value is not None and value > cfg.max_accuracy_drop)
+                or (cfg.min_sqnr_db is not None and q.get("sqnr_db", float("inf")) < cfg.min_sqnr_db)), value
+    return misses
+
+
+KEEP = ("seconds", "convert_seconds", "calibration_seconds", "process_overhead_seconds", "export_mode",
+        "size_bytes", "num_ops", "ops", "quantize_ops", "dequantize_ops", "float_ops", "float_op_counts",
+        "converter", "layout", "inputs", "outputs", "input_order", "output_order", "output_order_source",
+        "tflite_names", "notes")
 
 
 def specs(stage: dict, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -105,4 +144,17 @@ def section(stage: dict) -> str:
         rows.append([path, r["layout"], f"{r['seconds']:.1f}", r["num_ops"], r["quantize_ops"], r["dequantize_ops"],
                      floats if key == "int8" else "n/a (float model)"])
     lines.append(table(["artifact", "layout", "convert s", "ops", "QUANTIZE", "DEQUANTIZE", "float ops left in graph"], rows))
+    fb = stage.get("fallback")
+    if fb:
+        kept = ", ".join(f"`{o.get('module') or o.get('name')}`" for o in fb.get("float_ops", [])) or "none"
+        lines += ["", "### TFLite accuracy-aware fallback", "",
+                  f"{fb.get('route', 'ai-edge-quantizer')}: int8 drop {fb.get('initial_drop')} missed a quality budget on "
+                  f"the choosing samples; after leaving ops in float the drop is {fb.get('final_drop')} "
+                  f"(budget {'met' if fb.get('met_budget') else 'still NOT met'}). Ops left in float: {kept}.", "",
+                  table(["ops in float", "drop"], [[t.get("float_ops", t.get("k")), t.get("drop")] for t in fb.get("tried", [])])]
+    ops = (stage.get("sensitivity") or {}).get("ops") or []
+    if ops:
+        lines += ["", f"Ops that lose the most SQNR in `model.int8.tflite` ({stage['sensitivity'].get('samples')} samples):", "",
+                  table(["op", "module", "SQNR dB", "lost dB"],
+                        [[o.get("op"), o.get("module") or o.get("name"), o.get("sqnr_db"), o.get("lost_db")] for o in ops[:10]])]
     return "\n".join(lines) + "\n"
