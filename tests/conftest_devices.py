@@ -11,12 +11,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 
 import sshd as sshd_mod
 from edgepack.devices.inventory import load_device_file
-from edgepack.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, write_json_atomic
+from edgepack.manifest import (Artifact, DataFile, Manifest, TensorSpec, read_manifest, sha256_file,
+                               write_json_atomic)
 from edgepack.targets import load_profile
 
 VENV_PYTHON = sys.executable
@@ -56,6 +58,78 @@ def make_build(dirpath: Path, name: str = "tiny", target: str = "x86", budgets: 
     write_json_atomic(dirpath / "manifest.json", manifest)
     (dirpath / "report.md").write_text(f"# edgepack report: {name}\n\nbuild section\n")
     return dirpath
+
+
+def add_eval_subset(build: Path, n: int = 64, seed: int = 1, shape=(3, 16, 16)) -> np.ndarray:
+    """Ship an evaluation subset as `edgepack build` does: n samples, labelled with the fp32
+    model's own decisions (so fp32 scores 100% top-1 on them). Returns the labels."""
+    import onnxruntime as ort
+    x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+    sess = ort.InferenceSession(str(build / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    y = np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(n)]).argmax(1)
+    (build / "eval").mkdir(exist_ok=True)
+    np.savez(build / "eval" / "subset.npz", input=x, y=y)
+    m = read_manifest(build)
+    path = build / "eval" / "subset.npz"
+    m.eval_subset = DataFile(path="eval/subset.npz", sha256=sha256_file(path), size_bytes=path.stat().st_size,
+                             samples=n, labelled=True, inputs=["input"])
+    write_json_atomic(build / "manifest.json", m)
+    return y
+
+
+def add_int8(build: Path) -> str:
+    """Quantize the build's fp32 model (static QDQ, U8S8 per-channel as the x86 target) and make
+    the int8 file the primary artifact."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            x = np.random.default_rng(7).standard_normal((32, 3, 16, 16)).astype(np.float32)
+            self.it = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = build / "model.int8.onnx"
+    quantize_static(str(build / "model.fp32.onnx"), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    m = read_manifest(build)
+    fp32 = m.artifacts[0]
+    m.artifacts.append(fp32.model_copy(update={"path": out.name, "precision": "int8", "sha256": sha256_file(out),
+                                               "size_bytes": out.stat().st_size}))
+    m.primary = out.name
+    write_json_atomic(build / "manifest.json", m)
+    return out.name
+
+
+NOISY_SITE = """
+import numpy as np
+import onnxruntime
+
+_run = onnxruntime.InferenceSession.run
+_rng = np.random.default_rng(0)
+
+
+def run(self, *args, **kwargs):  # a device whose kernels are broken: outputs off by their own spread
+    outs = _run(self, *args, **kwargs)
+    return [o + _rng.standard_normal(o.shape).astype(o.dtype) * (float(np.std(o)) + 1.0)
+            if o.dtype.kind == "f" else o for o in outs]
+
+
+onnxruntime.InferenceSession.run = run
+"""
+
+
+def noisy_python(dirpath: Path) -> str:
+    """An interpreter whose onnxruntime adds noise to every output (a wrapper script setting
+    PYTHONPATH to a sitecustomize that patches it): the fake device of disagreement tests."""
+    site = dirpath / "noisy-site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(NOISY_SITE)
+    wrapper = dirpath / "noisy-python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {VENV_PYTHON} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 def replace_model_with_big_matmul(build: Path, n: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_devices import make_build  # noqa: E402
+from conftest_devices import add_eval_subset, add_int8, make_build  # noqa: E402
 
 from edgepack.devices import DeviceError, bench, get_device  # noqa: E402
 
@@ -40,3 +40,19 @@ def test_emulated_pi_is_not_an_x86_device(tmp_path, emulated_device):
     wrong = emulated_device.model_copy(update={"name": "pi-as-x86", "target": "x86"})
     with pytest.raises(DeviceError, match=r"(?s)device pi-as-x86 .*architecture is aarch64 but target 'x86' is x86_64"):
         bench(make_build(tmp_path / "build"), wrong, runs=1, warmup=0)
+
+
+def test_accuracy_on_emulated_pi_beside_the_hosts(tmp_path, emulated_device):
+    """The subset through the int8 file on aarch64 ONNX Runtime under qemu: its ARM kernels are
+    real, so the figure is the Pi's, and the accuracy budget is judged on it."""
+    b = make_build(tmp_path / "build", target="rpi", budgets={"max_accuracy_drop": 5.0})
+    add_int8(b)
+    add_eval_subset(b)
+    r = bench(b, emulated_device, threads=1, runs=2, warmup=0, also_evaluate=["model.fp32.onnx"])
+    timed, fp32 = r["eval"]
+    assert timed["machine"] == fp32["machine"] == "aarch64" and timed["samples"] == 64
+    assert fp32["device"]["accuracy"] == fp32["host"]["accuracy"] == 100.0 and fp32["vs_host"]["max_abs_diff"] < 1e-4
+    assert timed["vs_host"]["consistent"] and timed["vs_host"]["top1_agreement"] >= 99, timed
+    assert abs(timed["device"]["accuracy"] - timed["host"]["accuracy"]) <= 100 / 64 + 1e-9  # at most one sample
+    drop = next(v for v in r["verdicts"] if v["budget"] == "max_accuracy_drop")
+    assert drop["value"] == timed["drop"] and "emulated: real aarch64 kernels" in drop["note"]

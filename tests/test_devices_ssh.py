@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd as sshd_mod  # noqa: E402
-from conftest_devices import (age_tree, build_dir, client_key, isolated_inventory, make_build, ssh_device, ssh_servers,  # noqa: E402,F401
-                              replace_model_with_big_matmul)
+from conftest_devices import (add_eval_subset, add_int8, age_tree, build_dir, client_key, isolated_inventory,  # noqa: E402,F401
+                              make_build, ssh_device, ssh_servers, replace_model_with_big_matmul)
 
 from edgepack.devices import DeviceError, DeviceUnreachable, bench, bench_fleet, check_device, deploy  # noqa: E402
 from edgepack.devices.summary import fleet_table  # noqa: E402
@@ -99,6 +99,41 @@ def test_tampered_artifact_on_device(build_dir, ssh_device):
                                           r"sha256 \w+ but the manifest says"):
         bench(build_dir, dev, runs=3, warmup=0, redeploy=False)
     assert bench(build_dir, dev, runs=3, warmup=0)["deploy"]["sent"] == ["model.fp32.onnx"]  # repaired
+
+
+def test_accuracy_on_an_ssh_device_equals_the_hosts(tmp_path, ssh_device):
+    """Loopback x86 over SSH: the same kernels as here, so the device's figure is the host's."""
+    b = make_build(tmp_path / "build", budgets={"max_accuracy_drop": 5.0})
+    add_int8(b)
+    add_eval_subset(b)
+    dev, _ = ssh_device("pi-eval")
+    r = bench(b, dev, threads=1, runs=3, warmup=0, also_evaluate=["model.fp32.onnx"])
+    assert "eval/subset.npz" in r["deploy"]["sent"]
+    timed, fp32 = r["eval"]
+    assert timed["artifact"] == "model.int8.onnx" and fp32["artifact"] == "model.fp32.onnx"
+    for e in r["eval"]:
+        assert e["device"]["accuracy"] == e["host"]["accuracy"] and e["samples"] == 64
+        assert e["vs_host"]["max_abs_diff"] == 0.0 and e["vs_host"]["consistent"]
+    assert fp32["device"]["accuracy"] == 100.0 and fp32["drop"] == 0.0
+    drop = next(v for v in r["verdicts"] if v["budget"] == "max_accuracy_drop")
+    assert drop["value"] == timed["drop"] == timed["host_drop"] and drop["ok"] is (timed["drop"] <= 5.0)
+    # Fetched over SFTP, then removed from the device.
+    assert not list(Path(r["deploy"]["workdir"], ".edgepack-eval").glob("*.npz"))
+
+
+def test_tampered_subset_on_an_ssh_device_is_refused(tmp_path, ssh_device):
+    b = make_build(tmp_path / "build")
+    add_eval_subset(b)
+    dev, _ = ssh_device("tamper-eval")
+    dep = deploy(b, dev)
+    with open(Path(dep["path"]) / "eval" / "subset.npz", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\xff" * 8)
+    with pytest.raises(DeviceError, match=r"device tamper-eval: the agent refused: evaluation subset "
+                                          r"eval/subset.npz has sha256 \w+ but the manifest says"):
+        bench(b, dev, runs=2, warmup=0, redeploy=False)
+    r = bench(b, dev, runs=2, warmup=0)  # a deploy repairs it
+    assert r["deploy"]["sent"] == ["eval/subset.npz"] and r["eval"][0]["device"]["accuracy"] == 100.0
 
 
 @pytest.fixture

@@ -93,25 +93,30 @@ def register(app: typer.Typer) -> None:
                   warmup: int = typer.Option(10, "--warmup", min=0),
                   artifact: Optional[str] = typer.Option(None, "--artifact", help="default: the primary"),
                   profile: bool = typer.Option(False, "--profile", help="per-operator profile (ONNX Runtime)"),
+                  metric: Optional[str] = typer.Option(None, "--metric", help="file.py:function scoring the "
+                                                       "outputs on the device (default: top-1 / agreement)"),
                   timeout: float = typer.Option(600, "--timeout", help="seconds per device"),
                   retries: int = typer.Option(1, "--retries", min=0, help="retries after connection failures"),
                   accept_new_host_key: bool = AcceptNew, devices_dir: list[Path] = DevicesDir,
                   as_json: bool = typer.Option(False, "--json")):
         from ..devices import bench, bench_fleet, get_device, raise_if_failed
-        from ..devices.summary import fleet_table
+        from ..devices.summary import disagreeing, fleet_table
+        from ..quality import load_metric
         if bool(device) == bool(devices):
             raise EdgepackError("pass exactly one of --device NAME or --devices all|a,b")
         say = None if as_json else elapsed_printer()
+        scorer = (metric, load_metric(metric)) if metric else None
         if device:
             r = bench(build_dir, get_device(device, devices_dir), threads=threads, runs=runs, warmup=warmup,
                       artifact=artifact, accept_new_host_key=accept_new_host_key, timeout_s=timeout,
-                      profile=profile, progress=say)
-            fleet = {"results": [{"ok": True, **r}], "ok": 1, "failed": 0, "passed": r["passed"],
-                     "wall_s": r["agent_wall_s"] + r["deploy"].get("seconds", 0)}
+                      profile=profile, progress=say, metric=scorer)
+            results = [{"ok": True, **r}]
+            fleet = {"results": results, "ok": 1, "failed": 0, "passed": r["passed"],
+                     "disagreeing": disagreeing(results), "wall_s": r["agent_wall_s"] + r["deploy"].get("seconds", 0)}
         else:
             fleet = bench_fleet(build_dir, devices, threads=threads, runs=runs, warmup=warmup, artifact=artifact,
                                 timeout_s=timeout, retries=retries, accept_new_host_key=accept_new_host_key,
-                                dirs=devices_dir, progress=say, profile=profile)
+                                dirs=devices_dir, progress=say, profile=profile, metric=scorer)
         if as_json:
             _json(fleet)
         else:
@@ -120,6 +125,9 @@ def register(app: typer.Typer) -> None:
                 if r["ok"] and r.get("op_profile"):
                     top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["op_profile"][:8])
                     out.print(f"{r['device']} operators: {top}", highlight=False)
+        for d in fleet["disagreeing"]:  # named even when every budget passed: the kernels differ
+            console.print(f"[red]warning:[/] {escape(d['device'])}: outputs of {escape(d['artifact'])} differ from "
+                          f"this machine's: {escape(d['why'])}", highlight=False)
         failed = [r for r in fleet["results"] if not r["ok"]]
         if failed:
             raise EdgepackError(f"{len(failed)} of {len(fleet['results'])} devices failed:\n" +

@@ -5,6 +5,7 @@
     check_device(device) -> dict
     deploy(build_dir, device, accept_new_host_key=False, progress=None) -> dict
     bench(build_dir, device, threads=None, runs=100, warmup=10, artifact=None, ...) -> dict
+        (with the build's evaluation subset: accuracy on the device beside this machine's, `eval`)
     bench_fleet(build_dir, devices="all", ...) -> dict
 """
 from .bench import bench, raise_if_failed

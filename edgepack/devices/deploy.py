@@ -110,21 +110,25 @@ def _raise_problems(device: Device, found: list[tuple[str, str]]) -> None:
 def local_files(build_dir: Path, manifest: Manifest) -> dict[str, dict]:
     """Everything to deploy: rel path -> {source (Path or bytes), sha256, size}."""
     files: dict[str, dict] = {}
-    for a in manifest.artifacts:
-        rel = Path(a.path)
-        if rel.is_absolute() or ".." in rel.parts or a.path in (MANIFEST, *AGENT_FILES):
+    # The evaluation subset travels and is verified like an artifact (the agent checks it again).
+    shipped = [(a.path, a.sha256, "artifact") for a in manifest.artifacts]
+    if manifest.eval_subset is not None:
+        shipped.append((manifest.eval_subset.path, manifest.eval_subset.sha256, "evaluation subset"))
+    for path, sha, what in shipped:
+        rel = Path(path)
+        if rel.is_absolute() or ".." in rel.parts or path in (MANIFEST, *AGENT_FILES):
             # Deploy writes these paths under the device's workdir: never outside it, never over ours.
-            raise DeviceError(f"artifact path {a.path!r} in {build_dir / MANIFEST} is not a plain relative path",
+            raise DeviceError(f"{what} path {path!r} in {build_dir / MANIFEST} is not a plain relative path",
                               "rebuild with `edgepack build`")
-        src = build_dir / a.path
+        src = build_dir / path
         if not src.is_file():
-            raise DeviceError(f"artifact {a.path} listed in {build_dir / MANIFEST} is missing",
+            raise DeviceError(f"{what} {path} listed in {build_dir / MANIFEST} is missing",
                               "rebuild with `edgepack build`")
         digest = sha256_file(src)
-        if digest != a.sha256:
-            raise DeviceError(f"artifact {src} does not match its sha256 in {build_dir / MANIFEST}: "
+        if digest != sha:
+            raise DeviceError(f"{what} {src} does not match its sha256 in {build_dir / MANIFEST}: "
                               "it was modified after the build", "rebuild with `edgepack build`")
-        files[a.path] = {"source": src, "sha256": digest, "size": src.stat().st_size}
+        files[path] = {"source": src, "sha256": digest, "size": src.stat().st_size}
     # The manifest changes while benchmarks append to it: send the exact bytes we hashed.
     data = (build_dir / MANIFEST).read_bytes()
     files[MANIFEST] = {"source": data, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -141,9 +145,9 @@ def check_name(name: str) -> str:
 
 
 def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Progress | None = None,
-                formats: set[str] | None = None) -> dict:
+                formats: set[str] | None = None, optional_formats: set[str] = frozenset()) -> dict:
     """Deploy over an open transport. `formats`: runtimes that must be present (default: the
-    primary artifact's format)."""
+    primary artifact's format); `optional_formats`: probed too, reported in `runnable`."""
     device = t.device
     started = time.monotonic()
     name = check_name(manifest.name)
@@ -152,7 +156,7 @@ def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Pro
         formats = {manifest.artifact(manifest.primary).format}
     say = progress or (lambda msg: None)
     say(f"{device.name}: checking {device.where()}")
-    info = probe(t, formats)
+    info = probe(t, formats | set(optional_formats))
     _raise_problems(device, problems(device, info, formats))
     root = info["workdir"]
     total = sum(f["size"] for f in files.values())
@@ -196,7 +200,14 @@ def deploy_with(t: Transport, build_dir: Path, manifest: Manifest, progress: Pro
         "seconds": round(time.monotonic() - started, 3), "machine": info["machine"],
         "python": info["python"],
         "runtimes": {m: v.get("version") for m, v in info["modules"].items() if v.get("ok")},
+        "runnable": runnable_formats(info),
     }
+
+
+def runnable_formats(info: dict) -> list[str]:
+    """The artifact formats whose runtime imported in a probe."""
+    return sorted(f for f, reqs in RUNTIME_MODULES.items()
+                  if all(any(info["modules"].get(m, {}).get("ok") for m in alt) for alt in reqs))
 
 
 def deployed_path(t: Transport, manifest: Manifest) -> dict:
@@ -204,7 +215,8 @@ def deployed_path(t: Transport, manifest: Manifest) -> dict:
     info = device_op(t, "probe", {"workdir": t.device.workdir, "modules": []})
     path = f"{info['workdir']}/{check_name(manifest.name)}"
     return {"device": t.device.name, "where": t.device.where(), "path": path, "workdir": info["workdir"],
-            "sent": [], "reused": [], "bytes_sent": 0, "machine": info["machine"], "python": info["python"]}
+            "sent": [], "reused": [], "bytes_sent": 0, "machine": info["machine"], "python": info["python"],
+            "runnable": None}  # not probed: nothing is imported on the device
 
 
 def _disk_full(device: Device, root: str, need: int, free: int):

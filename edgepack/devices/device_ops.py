@@ -145,10 +145,24 @@ def abort(args):
     return {"ok": True}
 
 
+EVAL_OUTPUTS = ".edgepack-eval"  # <workdir>/.edgepack-eval/: evaluation outputs until the host fetched them
+
+
+def discard(args):
+    """Remove one fetched evaluation output (nothing outside the outputs folder)."""
+    path = os.path.abspath(args["path"])
+    if os.path.basename(os.path.dirname(path)) != EVAL_OUTPUTS or not path.endswith(".npz"):
+        return {"ok": False, "error": "refusing to remove %s: not an evaluation output" % path}
+    if os.path.isfile(path):
+        os.remove(path)
+    return {"ok": True}
+
+
 def main():
     op, args = sys.argv[1], json.loads(sys.argv[2])
     try:
-        result = {"probe": probe, "prepare": prepare, "commit": commit, "abort": abort}[op](args)
+        result = {"probe": probe, "prepare": prepare, "commit": commit, "abort": abort,
+                  "discard": discard}[op](args)
     except OSError as e:
         result = {"ok": False, "error": "%s: %s" % (type(e).__name__, e), "errno": e.errno}
         sys.stdout.write(json.dumps(result) + "\n")

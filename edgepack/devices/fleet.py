@@ -9,6 +9,7 @@ from ..errors import EdgepackError
 from .bench import bench
 from .errors import DeviceUnreachable
 from .inventory import BrokenDeviceFile, Device, load_inventory
+from .summary import disagreeing
 
 
 def select_devices(devices: str | list[str | Device], dirs=None,
@@ -73,17 +74,18 @@ def _one(build_dir, device: Device, retries: int, kwargs: dict) -> dict:
 def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all", threads: int | None = None,
                 runs: int = 100, warmup: int = 10, artifact: str | None = None, timeout_s: float = 600,
                 retries: int = 1, accept_new_host_key: bool = False, dirs=None, max_workers: int | None = None,
-                progress=None, profile: bool = False) -> dict:
+                progress=None, profile: bool = False, metric=None) -> dict:
     """Deploy and bench on every device at once (one thread per SSH device; devices on this
     machine one after another).
 
     Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
-    "wall_s": s}. A success is the `bench()` dict plus ok=True; a failure is {ok: False, device,
+    "disagreeing": [{device, artifact, why}: outputs not this machine's], "wall_s": s}. A success
+    is the `bench()` dict plus ok=True; a failure is {ok: False, device,
     error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried."""
     broken: list[BrokenDeviceFile] = []
     selected = select_devices(devices, dirs, broken)
     kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
-                  accept_new_host_key=accept_new_host_key, progress=progress, profile=profile)
+                  accept_new_host_key=accept_new_host_key, progress=progress, profile=profile, metric=metric)
     # Local-transport devices (this machine, emulators on it) share its CPUs: benchmarked at the
     # same time they would slow each other down, so they take turns in one lane. Every SSH device
     # is its own hardware and gets its own lane.
@@ -105,4 +107,4 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     ok = sum(r["ok"] for r in results)
     return {"results": results, "ok": ok, "failed": len(results) - ok,
             "passed": ok == len(results) and all(r.get("passed", True) for r in results),
-            "wall_s": round(time.monotonic() - t0, 3)}
+            "disagreeing": disagreeing(results), "wall_s": round(time.monotonic() - t0, 3)}

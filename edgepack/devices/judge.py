@@ -1,7 +1,8 @@
 """Judge an on-device benchmark against the target's budgets.
 
 Latency is judged only on real hardware: an emulated device (qemu) measures it but its
-figures say nothing about the real chip, so those verdicts are `ok=None` with a note.
+figures say nothing about the real chip, so those verdicts are `ok=None` with a note. Quality
+(the accuracy drop on the device's own kernels) is judged on every device, emulated or not.
 """
 from __future__ import annotations
 
@@ -50,4 +51,30 @@ def judge(result: dict, budgets: dict[str, Any], device_name: str, emulated: boo
                 note += " (emulated: includes the emulator's own memory)"
         verdicts.append(Verdict(budget=budget, limit=float(limit), value=value, ok=ok,
                                 artifact=result["artifact"], note=note))
+    return verdicts
+
+
+def judge_quality(record: dict | None, budgets: dict[str, Any], device_name: str, emulated: bool) -> list[Verdict]:
+    """`max_accuracy_drop` and `min_sqnr_db` judged on the device's own outputs of the timed
+    artifact: its figure on the evaluation subset vs this machine's fp32 figure on the same
+    samples. Judged on an emulator too: its kernels (aarch64 under qemu) are real, only its
+    clock is not."""
+    if record is None:
+        return []
+    where = f"on {device_name}" + (" (emulated: real aarch64 kernels)" if emulated else "")
+    basis = (f"{where}: {record['samples']} samples, {record['artifact']} on the device vs "
+             f"{record['reference'] or 'no fp32 artifact'} on this machine")
+    verdicts = []
+    limit = budgets.get("max_accuracy_drop")
+    if limit is not None:
+        value = record["drop"]
+        verdicts.append(Verdict(budget="max_accuracy_drop", limit=float(limit), value=value,
+                                ok=None if value is None else value <= float(limit), artifact=record["artifact"],
+                                note=f"{basis}; drop in {record['drop_unit']}"))
+    limit = budgets.get("min_sqnr_db")
+    sqnr = record["device"].get("sqnr_db")
+    if limit is not None:
+        verdicts.append(Verdict(budget="min_sqnr_db", limit=float(limit), value=sqnr,
+                                ok=None if sqnr is None else sqnr >= float(limit), artifact=record["artifact"],
+                                note=f"{basis}; lowest SQNR of any output"))
     return verdicts

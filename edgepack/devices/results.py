@@ -51,7 +51,48 @@ def summary(result: dict) -> dict:
         "machine": result["env"]["machine"], "p50_ms": round(lat["p50"], 3), "p90_ms": round(lat["p90"], 3),
         "p99_ms": round(lat["p99"], 3), "peak_rss_mb": round(result["memory_mb"]["peak_rss"] or 0, 1),
         "passed": result["passed"], "verdicts": result["verdicts"], "result_file": result["result_file"],
+        "eval": [eval_summary(e) for e in result.get("eval", [])], "consistent": result.get("consistent", True),
     }
+
+
+def eval_summary(e: dict) -> dict:
+    """One artifact's accuracy on the device, for manifest.bench: figures side by side."""
+    return {"artifact": e["artifact"], "timed": e["timed"], "samples": e["samples"], "machine": e.get("machine"),
+            "runtime": e.get("runtime"), "device": e["device"], "host": e["host"], "reference": e["reference"],
+            "reference_figures": e["reference_figures"], "drop": e["drop"], "host_drop": e["host_drop"],
+            "drop_unit": e["drop_unit"], "vs_host": e["vs_host"]}
+
+
+def headline(figures: dict) -> tuple[str, float | None]:
+    """The figure a person reads first: the user metric, else top-1, else agreement with float."""
+    for key, label in (("metric", "metric"), ("accuracy", "top-1 %"), ("agreement", "agreement with fp32 %")):
+        if figures.get(key) is not None:
+            return label, figures[key]
+    return "-", None
+
+
+def eval_lines(result: dict) -> list[str]:
+    """report.md's table of accuracy on the device beside this machine's."""
+    if not result.get("eval"):
+        return [f"- {n}" for n in result.get("eval_notes", [])] + ([""] if result.get("eval_notes") else [])
+    rows = []
+    for e in result["eval"]:
+        label, dev = headline(e["device"])
+        _, host = headline(e["host"])
+        _, ref = headline(e["reference_figures"])
+        vs = e["vs_host"]
+        rows.append(f"| {e['artifact']}{'' if e['timed'] else ' (not timed)'} | {e.get('runtime', '-')} | {e['samples']} "
+                    f"| {label} | {_fmt(dev)} | {_fmt(host)} | {_fmt(ref)} | {_fmt(e['drop'], 3)} {e['drop_unit']} "
+                    f"| {_fmt(vs['top1_agreement'])} | {_fmt(vs['max_abs_diff'], 4)} ({_fmt(100 * vs['relative_max_abs_diff'], 2)}%) "
+                    f"| {'yes' if vs['consistent'] else '**NO**: ' + vs['why']} |")
+    where = "the emulated aarch64 kernels (qemu)" if result["emulated"] else "the device's own kernels"
+    lines = [f"Accuracy on the device: the build's evaluation subset run with {where}, beside this machine's "
+             "outputs of the same artifact on the same samples (fp32 = this machine's float artifact, the "
+             "reference the drop is measured from).", "",
+             "| artifact | runtime | samples | figure | device | this machine | fp32 here | drop on the device "
+             "| top-1 agreement device vs here % | max abs diff (of largest output) | outputs agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    return lines + [f"- {n}" for n in result.get("eval_notes", [])] + ([""] if result.get("eval_notes") else [])
 
 
 def report_section(result: dict) -> str:
@@ -74,6 +115,7 @@ def report_section(result: dict) -> str:
         f"| {_fmt(lat['std'])} | {_fmt(lat['throughput_per_s'], 1)} | {_fmt(result['memory_mb']['peak_rss'], 1)} |",
         "",
     ]
+    lines += eval_lines(result)
     if result["verdicts"]:
         lines += ["| budget | limit | value | verdict | note |", "|---|---|---|---|---|"]
         for v in result["verdicts"]:

@@ -43,6 +43,10 @@ class Transport:
         """Copy a local file (or bytes) to an absolute path on the device."""
         raise NotImplementedError
 
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a file from an absolute path on the device to a local file."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -85,6 +89,13 @@ class LocalTransport(Transport):
         except OSError as e:
             raise DeviceError(f"device {self.device.name}: writing {remote} failed: {e.strerror or e}",
                               "check free disk space and permissions of the workdir on the device") from e
+
+    def get(self, remote, local):
+        try:
+            shutil.copyfile(remote, local)
+        except OSError as e:
+            raise DeviceError(f"device {self.device.name}: reading {remote} failed: {e.strerror or e}",
+                              "check the workdir on the device") from e
 
     def _put(self, source, remote: Path, progress):
         if isinstance(source, bytes):
@@ -225,20 +236,33 @@ class SshTransport(Transport):
 
     def put(self, source, remote, progress=None):
         try:
-            if self._sftp is None:
-                self._sftp = self.client.open_sftp()
-                self._sftp.get_channel().settimeout(max(60.0, self.device.ssh.connect_timeout_s))
+            sftp = self._sftp_client()
             cb = progress or None
             if isinstance(source, bytes):
-                self._sftp.putfo(io.BytesIO(source), remote, len(source), callback=cb, confirm=True)
+                sftp.putfo(io.BytesIO(source), remote, len(source), callback=cb, confirm=True)
             else:
-                self._sftp.put(str(source), remote, callback=cb, confirm=True)
+                sftp.put(str(source), remote, callback=cb, confirm=True)
         except (OSError, EOFError) as e:
             # EOF means the channel died; paramiko may not have marked the transport inactive yet.
             if isinstance(e, EOFError) or not self.transport.is_active():
                 raise DeviceUnreachable(f"device {self.device.name}: connection lost while uploading {remote}") from e
             raise DeviceError(f"device {self.device.name}: upload of {remote} failed: {e}",
                               "check free disk space and permissions of the workdir on the device") from e
+
+    def _sftp_client(self):
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+            self._sftp.get_channel().settimeout(max(60.0, self.device.ssh.connect_timeout_s))
+        return self._sftp
+
+    def get(self, remote, local):
+        try:
+            self._sftp_client().get(remote, str(local))
+        except (OSError, EOFError) as e:
+            if isinstance(e, EOFError) or not self.transport.is_active():
+                raise DeviceUnreachable(f"device {self.device.name}: connection lost while fetching {remote}") from e
+            raise DeviceError(f"device {self.device.name}: fetching {remote} failed: {e}",
+                              "check the workdir on the device") from e
 
     def close(self):
         # Closing sends a last packet; over a connection that just died that raises EOFError or

@@ -1,4 +1,5 @@
-"""Run code on the emulated device, and compare an artifact's aarch64 outputs with x86 ones."""
+"""Run code on the emulated device, and compare an artifact's aarch64 outputs with x86 ones (through
+the on-device agent's evaluation, the same code `edgepack bench` runs on every device)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgepackError
+from ..hashing import sha256_file
 from .prepare import EmulatorEnv, find_emulator, prepare_emulator
 from .wrappers import find_qemu
 
-# Copied beside the compare script: what the emulated interpreter imports (it has no edgepack).
-_SIBLINGS = [Path(__file__).resolve().parent.parent / name for name in ("runtime.py", "cpuinfo.py")]
+# The on-device agent and the modules it imports beside it (the emulated interpreter has no edgepack).
+_AGENT_FILES = [Path(__file__).resolve().parent.parent / name for name in ("agent.py", "runtime.py", "cpuinfo.py")]
 
 
 def _resolve(emulator: EmulatorEnv | None, kind: str, prepare: bool, progress=None) -> EmulatorEnv:
@@ -62,33 +64,6 @@ def run_emulated(args: list[str], *, kind: str = "rpi", emulator: EmulatorEnv | 
     return p
 
 
-_COMPARE_SCRIPT = r'''
-import json, os, platform, sys, time
-import numpy as np
-from runtime import open_model, available_runtimes, run_batched
-from cpuinfo import read_cpuinfo
-
-artifact, workdir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-n_inputs = int(sys.argv[4])
-xs = [np.load(os.path.join(workdir, f"input{i}.npy")) for i in range(n_inputs)]
-t0 = time.perf_counter()
-runner = open_model(artifact, threads)
-load_s = time.perf_counter() - t0
-n = xs[0].shape[0]
-t0 = time.perf_counter()
-outs = run_batched(runner, xs)
-run_s = time.perf_counter() - t0
-for i, out in enumerate(outs):
-    np.save(os.path.join(workdir, f"output{i}.npy"), out)
-cpu = read_cpuinfo()  # the ARM cpuinfo the sysroot shows, not the host's
-print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
-                  "backend": runner.backend, "backend_version": runner.backend_version,
-                  "runtimes": available_runtimes(), "samples": int(n), "n_outputs": len(outs),
-                  "load_s": load_s, "run_s": run_s, "cpu": cpu["model"] or "",
-                  "int8_flags": cpu["int8_flags"]}))
-'''
-
-
 def _as_list(a) -> list[np.ndarray]:
     if isinstance(a, np.ndarray):
         return [a]
@@ -128,23 +103,38 @@ def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *
         raise EdgepackError(f"x86_outputs has {refs[0].shape[0]} samples but inputs have {n}")
     work = Path(tempfile.mkdtemp(prefix="edgepack-emu-compare-"))
     try:
-        for sibling in _SIBLINGS:
+        # A one-artifact deployment, run by the on-device agent exactly as `edgepack bench` runs
+        # a deployed build's evaluation subset: one evaluation path for devices and this helper.
+        for sibling in _AGENT_FILES:
             shutil.copy(sibling, work / sibling.name)
-        (work / "compare.py").write_text(_COMPARE_SCRIPT)
-        for i, x in enumerate(xs):
-            np.save(work / f"input{i}.npy", np.ascontiguousarray(x))
+        model = work / f"model.{fmt}"
+        shutil.copy(artifact, model)
+        (work / "eval").mkdir()
+        names = [f"input{i}" for i in range(len(xs))]
+        np.savez(work / "eval" / "subset.npz", **{k: np.ascontiguousarray(x) for k, x in zip(names, xs)})
+        digest = sha256_file(model)
+        (work / "manifest.json").write_text(json.dumps({
+            "name": "compare", "inputs": [], "outputs": [],
+            "artifacts": [{"path": model.name, "format": fmt, "sha256": digest, "layout": None}],
+            "eval_subset": {"path": "eval/subset.npz", "sha256": sha256_file(work / "eval" / "subset.npz"),
+                            "inputs": names, "samples": n, "labelled": False}}))
         t0 = time.perf_counter()
-        p = run_emulated([str(work / "compare.py"), str(artifact), str(work), str(threads), str(len(xs))],
+        p = run_emulated([str(work / "agent.py"), "--manifest", str(work / "manifest.json"), "--artifact", model.name,
+                          "--threads", str(threads), "--eval-only", "--eval-out", str(work / "out" / "outputs.npz")],
                          emulator=em, cwd=work, timeout=timeout)
         seconds = time.perf_counter() - t0
-        if p.returncode != 0:
-            tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+        lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+        info = json.loads(lines[-1]) if lines else {"ok": False, "error": ""}
+        if p.returncode != 0 or not info.get("ok"):
+            tail = "\n".join([info.get("error") or ""] + p.stderr.strip().splitlines()[-15:]).strip()
             raise EdgepackError(f"{artifact.name} failed on the emulated aarch64 {fmt} runtime "
                                 f"(exit {p.returncode}):\n{tail}",
                                 "the model may use an op the aarch64 runtime lacks; run "
                                 "`edgepack devices emulate rpi --rebuild` if the environment is damaged")
-        info = json.loads(p.stdout.strip().splitlines()[-1])
-        outs = [np.load(work / f"output{i}.npy") for i in range(info["n_outputs"])]
+        if "skipped" in info["eval"]:
+            raise EdgepackError(f"{artifact.name} was not evaluated on the emulator: {info['eval']['skipped']}")
+        with np.load(info["eval"]["file"], allow_pickle=False) as z:
+            outs = [z[f"o{i}"] for i in range(len(info["eval"]["outputs"]))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a = outs[0].astype(np.float64).reshape(n, -1)
@@ -159,9 +149,9 @@ def compare_on_emulator(artifact_path: str | os.PathLike, inputs, x86_outputs, *
         "max_abs_diff": max(diffs) if diffs else float("nan"),
         "mean_abs_diff": float(np.mean(np.abs(a - b))),
         "outputs_shape": list(outs[0].shape),
-        "machine": info["machine"], "python": info["python"],
-        "backend": info["backend"], "backend_version": info["backend_version"],
-        "runtimes": info["runtimes"], "cpu": info["cpu"], "int8_flags": info["int8_flags"],
+        "machine": info["env"]["machine"], "python": info["env"]["python"],
+        "backend": info["runtime"]["name"], "backend_version": info["runtime"]["version"],
+        "runtimes": info["runtimes"], "cpu": info["env"]["cpu_model"] or "", "int8_flags": info["env"]["int8_flags"],
         "qemu_cpu": em.qemu_cpu,
         "kind": em.kind, "threads": threads, "emulated": True,
         "emulated_seconds": round(seconds, 2),
