@@ -38,6 +38,10 @@ class PruneConfig(BaseModel):
     iterative_steps: int = Field(1, ge=1)
     taylor_batches: int = Field(4, ge=1, description="labelled batches used to estimate Taylor importance")
     max_ratio: float = Field(0.9, gt=0, lt=1, description="upper bound of the ratio search")
+    max_memory_mb: int | None = Field(None, ge=1, description="resident memory (MB) the process may reach while "
+                                      "pruning; default: its size at the start plus 3/4 of the memory available")
+    max_prune_minutes: float | None = Field(30.0, gt=0, description="wall-clock bound for one pruning run "
+                                            "(graph, ranking, checks; not fine-tuning)")
     finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")

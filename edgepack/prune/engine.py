@@ -2,14 +2,17 @@
 
 Channels are physically removed (conv filters, linear rows, the matching BatchNorm entries and
 every consumer's input slices), so the exported model is a smaller dense model. What edgepack
-decides: which layers must keep their width (the output layer, user-named layers, attention
-output projections), how many channels to keep (ratio, MACs target), and that the model's
-input/output shapes never change.
+decides: which layers must keep their width (layers whose channels reach a model output,
+user-named layers, attention output projections), how many channels to keep (ratio, MACs
+target), that every group is exact (verify.py: a group that is not, typically because its
+channels cross a view/transpose channel shuffle, is undone and its layers are reported as
+protected), that attributes holding widths follow them (sync.py), and that a run stays within
+its memory and time limits (guard.py).
 """
 from __future__ import annotations
 
 import copy
-import difflib
+import time
 import warnings
 from typing import Callable
 
@@ -19,9 +22,20 @@ from torch import nn
 
 from ..errors import EdgepackError
 from .config import PruneConfig
-from .measure import attention_heads, count_macs_params, layer_widths
+from .graph import GroupUndo, exact_reshapes, out_layers, reaches_output
+from .guard import ResourceGuard, ResourceLimit, rss_mb
+from .keep import attention_projections, output_layers, resolve_layers
+from .measure import attention_heads, count_macs_params, flat_tensors, layer_widths, macs_params_outputs
 from .record import LayerChange, PruneRecord
-from .verify import GroupVerifier
+from .sync import AttributeSync
+from .verify import check_inputs, compare, mask_plan, masked_outputs
+
+HINT = ("pass --prune-ignore LAYER (edgepack prune: --ignore-layer LAYER) to keep that layer's width, "
+        "or --allow-unpruned to build the unpruned model instead")
+PROGRESS_SECONDS = 1.0  # at most one progress report per interval while groups are pruned
+MAX_BATCH = 16  # groups checked against one masked reference (the batch doubles while they pass)
+
+Progress = Callable[[dict], None]
 
 
 class UnprunableModel(EdgepackError):
@@ -31,102 +45,6 @@ class UnprunableModel(EdgepackError):
 
 def _tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def _flat_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _flat_outputs(o)]
-
-
-def resolve_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    """Module objects for user-given names; an unknown name is an error listing close matches."""
-    modules = dict(model.named_modules())
-    found = []
-    for name in names:
-        if name not in modules:
-            scored = sorted((-difflib.SequenceMatcher(None, name, k).ratio(), k) for k in modules if k)
-            close = [k for score, k in scored[:5] if -score >= 0.4]  # best first, ties alphabetical
-            raise EdgepackError(
-                f"ignore_layers: the model has no layer named {name!r}"
-                + (f"; close matches: {', '.join(close)}" if close else ""),
-                "names are module paths as in model.named_modules(), e.g. 'layers.0.conv1.0'")
-        found.append(modules[name])
-    return found
-
-
-@torch.no_grad()
-def output_layers(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[str]:
-    """Conv/linear layers whose output is a model output (the classifier head): their output
-    width is the model's output shape, so they are never pruned. Falls back to the last conv or
-    linear layer executed when the output goes through further ops."""
-    executed: list[tuple[str, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: executed.append((n, out)))
-             for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        outputs = _flat_outputs(model(*example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    direct = [n for n, t in executed if any(t is o for o in outputs)]
-    return direct or ([executed[-1][0]] if executed else [])
-
-
-def attention_projections(model: nn.Module) -> list[str]:
-    """Output projections of attention modules: keeping them unpruned keeps the residual stream
-    (embedding width, position embeddings, LayerNorms) intact, so only heads and MLP widths shrink."""
-    names = []
-    for name in attention_heads(model):
-        for attr in ("proj", "out_proj", "o_proj"):
-            if isinstance(getattr(model.get_submodule(name), attr, None), nn.Linear):
-                names.append(f"{name}.{attr}")
-    return names
-
-
-class _KeepPermutation(tp.pruner.function.BasePruningFunc):
-    """torch-pruning handler for channel-permuting modules (channel shuffle). It has no channel
-    count of its own and refuses to be pruned; `ChannelPruner` keeps every group touching one."""
-
-    def prune_out_channels(self, layer, idxs):
-        raise RuntimeError(f"{type(layer).__name__} permutes channels and cannot be pruned")
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer):
-        return None
-
-    def get_in_channels(self, layer):
-        return None
-
-
-def permutation_modules(model: nn.Module) -> dict[type, _KeepPermutation]:
-    """Channel shuffles (torch's nn.ChannelShuffle, the test fixtures (tests/fixtures/zoo.py)'s, or any class of that name)."""
-    return {type(m): _KeepPermutation() for m in model.modules() if type(m).__name__ == "ChannelShuffle"}
-
-
-def groups_through_permutations(model: nn.Module, example_inputs, pruners: dict) -> list[str]:
-    """Layers whose output channels reach a channel shuffle: removing one of them would change
-    which channels the shuffle pairs up, so they keep their width."""
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=pruners,
-                                               verbose=False)
-    names = {m: n for n, m in model.named_modules()}
-    keep = []
-    for group in dg.get_all_groups():
-        if any(type(dep.target.module) in pruners for dep, _ in group):
-            keep += [names[dep.target.module] for dep, _ in group
-                     if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names
-                     and isinstance(dep.target.module, (nn.modules.conv._ConvNd, nn.Linear))]
-    return list(dict.fromkeys(keep))
-
-
-def _untraceable(model: nn.Module, e: Exception) -> UnprunableModel:
-    return UnprunableModel(
-        f"cannot build the channel dependency graph of {type(model).__name__}: {type(e).__name__}: {e}",
-        "torch-pruning traces the forward pass with the example input; reshapes that move channels "
-        "(a view/transpose channel shuffle) are not traceable: write the shuffle as a module named "
-        "ChannelShuffle (see the test fixtures (tests/fixtures/zoo.py)), or build without pruning")
 
 
 def make_importance(name: str):
@@ -164,97 +82,225 @@ class ChannelPruner:
     `cfg.iterative_steps` steps up to `ratio` (fine-tuning may run between steps)."""
 
     def __init__(self, model: nn.Module, example_inputs, cfg: PruneConfig, ratio: float,
-                 round_to: int | None = None):
+                 round_to: int | None = None, progress: Progress | None = None,
+                 guard: ResourceGuard | None = None):
         self.model, self.cfg, self.ratio = model, cfg, ratio
         self.example_inputs = _tuple(example_inputs)
         self.round_to = cfg.round_to or round_to
+        self.progress, self.guard = progress, guard
+        self.steps_done, self.checked_groups, self.unchecked_groups = 0, 0, 0
+        self.protected: list[dict] = []
+        self._last_report = 0.0
         model.eval()  # tracing runs forward passes: do not move BatchNorm statistics
-        resolve_layers(model, cfg.ignore_layers)  # unknown names are errors
-        permutations = permutation_modules(model)
-        try:
-            shuffled = groups_through_permutations(model, self.example_inputs, permutations) if permutations else []
-        except Exception as e:
-            raise _untraceable(model, e) from e
-        self.ignored_names = list(dict.fromkeys(
-            output_layers(model, self.example_inputs) + attention_projections(model) + cfg.ignore_layers
-            + shuffled))
+        self._step("reading the model")
+        user_ignored = resolve_layers(model, cfg.ignore_layers)  # unknown names are errors
         self.heads_before = attention_heads(model)
+        heads, outputs, reads = output_layers(model, self.example_inputs)
+        self.sync = AttributeSync(model, self.heads_before, reads)
+        self.ignored_names = list(dict.fromkeys(heads + attention_projections(model) + cfg.ignore_layers))
         self.widths_before = layer_widths(model)
-        self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
-        self.output_shapes = [list(t.shape) for t in _flat_outputs(self._forward())]
-        self.ignored = [model.get_submodule(n) for n in self.ignored_names]
-        self.permutations = permutations
-        self.checked_groups = self.unchecked_groups = 0
-        self._make_pruner()  # fails early if the graph cannot be traced
-        groups = list(self.pruner.DG.get_all_groups(ignored_layers=self.pruner.ignored_layers,
-                                                    root_module_types=self.pruner.root_module_types))
-        if not groups:
-            raise UnprunableModel(
-                f"{type(model).__name__} has no prunable channel group: every conv/linear layer is "
-                f"ignored or feeds an ignored layer (ignored: {', '.join(self.ignored_names) or 'none'})",
-                "remove layers from ignore_layers, or build without pruning")
+        self.output_shapes = [list(t.shape) for t in outputs]
+        self.check_inputs = check_inputs(self.example_inputs)
+        # MACs depend on shapes only: counted on the check inputs, whose outputs must be finite
+        self.macs_before, self.params_before, checked = macs_params_outputs(model, self.check_inputs)
+        if not all(torch.isfinite(t).all() for t in checked if t.is_floating_point()):
+            self.check_inputs = self.example_inputs  # the model wants inputs like the given ones
+        self._step("tracing the channel dependency graph (torch-pruning)")
+        self._make_pruner([model.get_submodule(n) for n in self.ignored_names] + user_ignored)
+        self._step("finding the channel groups")
+        self._find_groups()
 
-    def _make_pruner(self) -> None:
+    def _step(self, text: str, report: bool = True) -> None:
+        """What runs now: named by the guard if a limit is hit, and reported."""
+        if self.guard is not None:
+            self.guard.step = text
+        if report:
+            self._report(text)
+
+    def _report(self, text: str, **info) -> None:
+        now = time.monotonic()
+        if self.progress is not None and (not info or now - self._last_report >= PROGRESS_SECONDS
+                                          or info.get("group") == info.get("groups")):
+            self._last_report = now
+            self.progress({"stage": "prune", "step": text, **info, "rss_mb": round(rss_mb())})
+
+    def _make_pruner(self, ignored: list[nn.Module]) -> None:
         num_heads = {self.model.get_submodule(n).qkv: h for n, h in self.heads_before.items()}
         torch.manual_seed(self.cfg.finetune.seed)  # random importance and ties
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "unwrapped parameters" notices for position embeddings
-                self.pruner = _Pruner(
-                    self.model, self.example_inputs, importance=make_importance(self.cfg.importance),
-                    global_pruning=self.cfg.global_pruning, pruning_ratio=self.ratio,
-                    iterative_steps=self.cfg.iterative_steps,
-                    max_pruning_ratio=0.9 if self.cfg.global_pruning else 1.0,
-                    ignored_layers=self.ignored, round_to=self.round_to,
-                    num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
-                    head_pruning_ratio=self.ratio if num_heads else 0.0,
-                    customized_pruners=self.permutations)
-        except Exception as e:  # tracing failures come out as arbitrary exceptions
-            raise _untraceable(self.model, e) from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unwrapped parameters" notices for position embeddings
+            self.pruner = _Pruner(
+                self.model, self.example_inputs, importance=make_importance(self.cfg.importance),
+                global_pruning=self.cfg.global_pruning, pruning_ratio=self.ratio,
+                iterative_steps=self.cfg.iterative_steps,
+                max_pruning_ratio=0.9 if self.cfg.global_pruning else 1.0,
+                ignored_layers=ignored + self.sync.ignored_parameters(), round_to=self.round_to,
+                num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
+                head_pruning_ratio=self.ratio if num_heads else 0.0)
+        self.dg = self.pruner.DG
 
-    def _forward(self):
+    def _find_groups(self) -> int:
+        """Counts the prunable groups (none is an error); the layers of groups whose channels
+        reach a model output join the ignored layers."""
+        names = {m: n for n, m in self.model.named_modules()}
+        count, reaching = 0, []
+        for group in self.dg.get_all_groups(ignored_layers=self.pruner.ignored_layers,
+                                            root_module_types=self.pruner.root_module_types):
+            if reaches_output(group):
+                reaching += out_layers(group, self.dg)
+            else:
+                count += 1
+        for m in reaching:
+            self.pruner.ignored_layers.extend(m.modules())
+        self.ignored_names = list(dict.fromkeys(self.ignored_names + [names[m] for m in reaching]))
+        if not count:
+            raise UnprunableModel(
+                f"{type(self.model).__name__} has no prunable channel group: every conv/linear layer is "
+                f"ignored or feeds an ignored layer (ignored: {', '.join(self.ignored_names) or 'none'})",
+                "remove layers from ignore_layers, or build without pruning (--allow-unpruned)")
+        return count
+
+    def _forward(self, inputs):
         with torch.no_grad():
-            return self.model(*self.example_inputs)
+            return self.model(*inputs)
 
-    def step(self, taylor_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def step(self, taylor_batches: list | None = None) -> None:
         self.model.eval()
         if self.cfg.importance == "taylor":
             self._accumulate_gradients(taylor_batches)
+        self.steps_done += 1
+        where = f"step {self.steps_done}/{self.cfg.iterative_steps}"
+        self._step(f"ranking channels ({where})")
         names = {m: n for n, m in self.model.named_modules()}
-        verifier = GroupVerifier(self.model, self.example_inputs, self.pruner.DG)
-        for group in self.pruner.step(interactive=True):
-            problem = verifier.prune(group, names, self._sync_heads)
-            if problem:
-                root = group[0].dep.target.module
-                raise UnprunableModel(
-                    f"pruning the channel group of layer {names.get(root, type(root).__name__)!r} is not "
-                    f"exact: {problem}. The dependency graph mis-tracks channels somewhere between this "
-                    "layer and its consumers (typically a reshape/view that moves channels)",
-                    f"add {names.get(root, '?')!r} to ignore_layers, or build without pruning")
-        self.checked_groups += verifier.checked
-        self.unchecked_groups += verifier.unchecked
+        # Roots and channel choices first (torch-pruning ranks every group before yielding any);
+        # each group is rebuilt right before it is pruned, since earlier ones move concat offsets.
+        roots = [(g[0].dep.target.module, g[0].dep.handler, [int(i) for i in tp._helpers.to_plain_idxs(g[0].idxs)])
+                 for g in self.pruner.step(interactive=True)]
+        done, size = 0, 1
+        while done < len(roots):
+            batch = roots[done:done + size]
+            layer = names.get(batch[0][0], type(batch[0][0]).__name__)
+            what = f"pruning the channel group of layer {layer!r}" + (f" and {len(batch) - 1} more" if size > 1 else "")
+            self._step(f"{what} ({where})", report=False)  # reported when done (throttled)
+            if len(batch) > 1 and self._prune_batch(batch, names):
+                done, size = done + len(batch), min(2 * size, MAX_BATCH)
+            else:
+                module, handler, idxs = batch[0]
+                group = self.dg.get_pruning_group(module, handler, idxs)
+                problem = self._prune_group(group, names)
+                if problem:
+                    self._protect(group, names, problem)
+                done, size = done + 1, (1 if len(batch) > 1 else 2)
+            self._report(f"{what} ({where})", group=done, groups=len(roots), layer=layer)
         self.model.zero_grad(set_to_none=True)
-        self._check_shapes()
 
-    def _sync_heads(self) -> None:
-        for name in self.heads_before:  # the attention module computes head size from num_heads
-            att = self.model.get_submodule(name)
-            att.num_heads = self.pruner.num_heads[att.qkv]
+    def _prune_batch(self, roots: list, names: dict) -> bool:
+        """Prune several checkable groups against one masked reference (exact groups compose:
+        they remove disjoint channels). False, with everything undone, when any is not exact
+        or cannot be masked: the caller then takes them one at a time."""
+        plans = []
+        for module, handler, idxs in roots:
+            plan = mask_plan(self.dg.get_pruning_group(module, handler, idxs), names, self.dg)
+            if plan is None:
+                return False
+            plans += plan
+        want = masked_outputs(self.model, self.check_inputs, plans)
+        applied, problem = [], None
+        for module, handler, idxs in roots:
+            done = self._apply(self.dg.get_pruning_group(module, handler, idxs), names)
+            if isinstance(done, str):
+                problem = done
+                break
+            applied.append(done)
+        problem = problem or self._check(want)
+        for undo, heads, attributes in reversed(applied) if problem else []:
+            self.sync.undo(attributes)
+            self.sync.undo(heads)
+            undo.restore()
+        self.sync.refresh_heads(self.pruner)
+        if not problem:
+            self.checked_groups += len(roots)
+        return problem is None
+
+    def _prune_group(self, group, names: dict) -> str | None:
+        """Prune one group; None when it is exact, else why it was undone."""
+        plan = mask_plan(group, names, self.dg)
+        want = masked_outputs(self.model, self.check_inputs, plan) if plan is not None else None
+        done = self._apply(group, names)
+        if isinstance(done, str):
+            self.sync.refresh_heads(self.pruner)
+            return done
+        undo, heads, attributes = done
+        problem = self._check(want)
+        if problem and attributes:  # the attribute may hold something else: try without it
+            tried = ", ".join(f"{path} = {value}" for _, path, value in self.sync.described(attributes))
+            self.sync.undo(attributes)
+            problem = self._check(want)
+            if problem:
+                problem += f"; with {tried} (the pruned width) it failed too"
+        if problem:
+            self.sync.undo(heads)
+            undo.restore()
+        elif plan is None:
+            self.unchecked_groups += 1
+        else:
+            self.checked_groups += 1
+        self.sync.refresh_heads(self.pruner)
+        return problem
+
+    def _apply(self, group, names: dict):
+        """Prune `group` and bring attributes in step: (undo, head changes, attribute changes),
+        or why it could not be pruned (nothing changed then)."""
+        removed = self.sync.removed_heads(group, self.dg)
+        if isinstance(removed, str):
+            return removed
+        undo = GroupUndo(group, self.dg, self.model)
+        before = {names[m]: _out_width(m) for m in out_layers(group, self.dg) if m in names}
+        try:
+            group.prune()
+        except Exception as e:  # torch-pruning's own checks (e.g. MultiheadAttention divisibility)
+            undo.restore()
+            return f"torch-pruning cannot prune it ({type(e).__name__}: {_first_line(e)})"
+        heads = self.sync.apply_heads(removed)
+        widths = {n: (w, _out_width(self.model.get_submodule(n))) for n, w in before.items()}
+        return undo, heads, self.sync.apply_widths({n: w for n, w in widths.items() if w[0] != w[1]})
+
+    def _check(self, want) -> str | None:
+        try:
+            got = flat_tensors(self._forward(self.check_inputs))
+        except Exception as e:
+            return f"the pruned model no longer runs ({type(e).__name__}: {_first_line(e)})"
+        if want is not None:
+            return compare(want, got)
+        shapes = [list(t.shape) for t in got]
+        if [s[1:] for s in shapes] != [s[1:] for s in self.output_shapes]:
+            return f"output shapes changed from {self.output_shapes} to {shapes}"
+        if not all(torch.isfinite(t).all() for t in got if t.is_floating_point()):
+            return "the pruned model's outputs are not finite"
+        return None
+
+    def _protect(self, group, names: dict, reason: str) -> None:
+        layers = [m for m in out_layers(group, self.dg) if m in names]
+        self.protected.append({"layers": [names[m] for m in layers], "reason": reason})
+        for m in layers:  # later steps do not offer the group again
+            self.pruner.ignored_layers.extend(m.modules())
 
     def _accumulate_gradients(self, batches) -> None:
+        from .finetune import class_output, to_tensors
         if not batches:
-            raise EdgepackError("importance 'taylor' needs training data to compute gradients",
-                                "pass training data, or use importance l2 / l1 / bn_scale")
+            raise EdgepackError("importance 'taylor' needs labelled training data (class ids) to compute gradients",
+                                "pass training data with labels, or use importance l2 / l1 / bn_scale")
         self.model.zero_grad(set_to_none=True)
-        for x, y in batches:
-            nn.functional.cross_entropy(self.model(x), y).backward()
-
-    def _check_shapes(self) -> None:
-        got = [list(t.shape) for t in _flat_outputs(self._forward())]
-        if got != self.output_shapes:
-            raise UnprunableModel(
-                f"pruning changed the model output shape from {self.output_shapes} to {got}",
-                f"name the output layer in ignore_layers (kept so far: {', '.join(self.ignored_names)})")
+        for xs, y in batches:
+            outputs = flat_tensors(self.model(*to_tensors(xs)))
+            k = class_output(outputs, y)
+            if k is None:
+                raise EdgepackError("importance 'taylor' needs an output of class scores (N, C) for the labels",
+                                    "use importance l2 / l1 / bn_scale")
+            nn.functional.cross_entropy(outputs[k], torch.from_numpy(y)).backward()
+        for p in self.model.parameters():  # layers the loss does not reach (other outputs) rank as zero
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def record(self, requested: dict) -> PruneRecord:
         macs, params = count_macs_params(self.model, self.example_inputs)
@@ -268,47 +314,88 @@ class ChannelPruner:
             iterative_steps=self.cfg.iterative_steps, macs_before=int(self.macs_before), macs_after=int(macs),
             params_before=int(self.params_before), params_after=int(params),
             input_shapes=[list(t.shape) for t in self.example_inputs], output_shapes=self.output_shapes,
-            ignored_layers=self.ignored_names, layers=layers,
+            input_dtypes=[str(t.dtype).removeprefix("torch.") for t in self.example_inputs],
+            ignored_layers=self.ignored_names, protected=self.protected, layers=layers,
             heads={n: [h, heads_after[n]] for n, h in self.heads_before.items()},
+            attributes=dict(self.sync.attributes), sliced=list(self.sync.slices),
             groups_checked=self.checked_groups, groups_unchecked=self.unchecked_groups,
             history=[[n, bool(out), [int(i) for i in idx]] for n, out, idx in self.pruner.pruning_history()])
+
+
+def _out_width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: float | None = None,
                 round_to: int | None = None, train=None,
                 between_steps: Callable[[int, nn.Module], None] | None = None,
-                ) -> tuple[nn.Module, PruneRecord]:
+                progress: Progress | None = None) -> tuple[nn.Module, PruneRecord]:
     """Prune a copy of `model` to `ratio` (default: cfg.ratio, or the ratio meeting
     cfg.macs_target). `train` (a Dataset) feeds Taylor importance; `between_steps(step, model)`
-    runs after every iterative step but the last (fine-tuning). The input model is untouched."""
+    runs after every iterative step but the last (fine-tuning, outside the time and memory
+    limits); `progress(dict)` hears which step and group runs. The input model is untouched.
+    Any failure of torch-pruning or of the model under pruning is an UnprunableModel."""
     example_inputs = _tuple(example_inputs)
     requested = {"ratio": cfg.ratio} if ratio is None else {"ratio": ratio}
     if ratio is None and cfg.macs_target is not None:
-        ratio = ratio_for_macs(model, example_inputs, cfg, cfg.macs_target, round_to)
+        ratio = ratio_for_macs(model, example_inputs, cfg, cfg.macs_target, round_to, progress)
         requested = {"macs_target": cfg.macs_target}
     ratio = cfg.ratio if ratio is None else ratio
     if ratio is None or not 0 < ratio < 1:
         raise EdgepackError(f"pruning ratio must be strictly between 0 and 1, got {ratio}",
                             "e.g. ratio 0.5 removes half of each layer's channels")
-    pruned = copy.deepcopy(model)
-    session = ChannelPruner(pruned, example_inputs, cfg, ratio, round_to)
     batches = _taylor_batches(train, cfg) if cfg.importance == "taylor" else None
-    for step in range(cfg.iterative_steps):
-        session.step(batches)
-        if between_steps is not None and step < cfg.iterative_steps - 1:
-            between_steps(step, pruned)
-    return pruned.eval(), session.record(requested)
+    guard = ResourceGuard(cfg.max_memory_mb, cfg.max_prune_minutes)
+    name = type(model).__name__
+    try:
+        with guard, exact_reshapes():
+            pruned = copy.deepcopy(model)
+            session = ChannelPruner(pruned, example_inputs, cfg, ratio, round_to, progress, guard)
+            for step in range(cfg.iterative_steps):
+                session.step(batches)
+                if between_steps is not None and step < cfg.iterative_steps - 1:
+                    guard.step = f"fine-tuning after step {step + 1}"
+                    with guard.paused():
+                        between_steps(step, pruned)
+            if not session.pruner.pruning_history():
+                raise UnprunableModel(
+                    f"no channel group of {name} could be pruned exactly: "
+                    + "; ".join(f"{', '.join(p['layers'])}: {p['reason']}" for p in session.protected[:5]),
+                    HINT)
+            guard.step = "measuring the pruned model"
+            record = session.record(requested)
+    except ResourceLimit:
+        raise UnprunableModel(f"pruning {name} stopped: {guard.exceeded}, while {guard.step}",
+                              f"{HINT}; or raise max_memory_mb / max_prune_minutes") from None
+    except EdgepackError:
+        raise
+    except Exception as e:  # torch-pruning or the model under pruning failed: name where
+        raise UnprunableModel(f"pruning {name} failed while {guard.step}: {type(e).__name__}: {_first_line(e)}",
+                              HINT) from e
+    record.peak_rss_mb = round(guard.peak_mb)
+    record.prune_seconds = round(guard.seconds, 2)
+    return pruned.eval(), record
 
 
 def _taylor_batches(train, cfg: PruneConfig):
-    if train is None or not train.labelled:
+    from .finetune import input_arrays
+    if train is None or not getattr(train, "class_labels", train.labelled):
         return None
-    return [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in
-            train.batches(cfg.finetune.batch_size, shuffle=True, seed=cfg.finetune.seed)][:cfg.taylor_batches]
+    batches = []
+    for j in train.batch_indices(cfg.finetune.batch_size, shuffle=True, seed=cfg.finetune.seed):
+        batches.append((input_arrays(train, j), train.y[j]))
+        if len(batches) == cfg.taylor_batches:
+            break
+    return batches
 
 
 def ratio_for_macs(model: nn.Module, example_inputs, cfg: PruneConfig, keep_fraction: float,
-                   round_to: int | None = None, iterations: int = 10) -> float:
+                   round_to: int | None = None, progress: Progress | None = None,
+                   iterations: int = 10) -> float:
     """Smallest channel ratio whose pruned model keeps at most `keep_fraction` of the MACs
     (bisection: MACs fall monotonically with the ratio up to rounding)."""
     one_shot = cfg.model_copy(update={"iterative_steps": 1, "importance":
@@ -316,14 +403,17 @@ def ratio_for_macs(model: nn.Module, example_inputs, cfg: PruneConfig, keep_frac
     macs0, _ = count_macs_params(model, _tuple(example_inputs))
 
     def kept(r: float) -> float:
-        pruned, _ = prune_model(model, example_inputs, one_shot, ratio=r, round_to=round_to)
-        return count_macs_params(pruned, _tuple(example_inputs))[0] / macs0
+        pruned, record = prune_model(model, example_inputs, one_shot, ratio=r, round_to=round_to)
+        if progress is not None:
+            progress({"stage": "MACs search", "ratio": round(r, 4), "macs_kept": round(record.macs_after / macs0, 4)})
+        return record.macs_after / macs0
 
     lo, hi = 0.0, cfg.max_ratio
-    if kept(hi) > keep_fraction:
+    at_max = kept(hi)
+    if at_max > keep_fraction:
         raise EdgepackError(
             f"cannot reach {keep_fraction:.0%} of the original MACs: at the maximum ratio {hi} the "
-            f"model keeps {kept(hi):.1%}", "raise macs_target, or allow more layers to be pruned")
+            f"model keeps {at_max:.1%}", "raise macs_target, or allow more layers to be pruned")
     for _ in range(iterations):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if kept(mid) <= keep_fraction else (mid, hi)

@@ -1,9 +1,16 @@
 """Recover accuracy after pruning: knowledge distillation from the unpruned model.
 
-Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels).
-The T^2 keeps the soft-target gradients on the same scale as CE's (Hinton et al., 2015). With
-unlabelled data only the distillation term is used. The schedule is bounded by epochs and
-wall-clock minutes; the best epoch on the eval set is kept (early stopping with patience).
+The model's inputs are the dataset's arrays in input order (`Dataset.arrays`); its outputs
+(tensor, tuple, dict, nested) are flattened in order. The loss:
+- on outputs of class scores: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)), plus
+  (1 - alpha) * cross-entropy with the labels on the first of them when the labels are class
+  ids (the T^2 keeps the soft-target gradients on CE's scale, Hinton et al., 2015);
+- on every other float output: the mean squared error to the teacher's output.
+Class scores, when the labels are class ids: the first (N, C) float output with C = the number
+of class names, else the first whose C can hold every label; without labels, a model's lone
+(N, C) output. Labels that are not
+class ids (regression targets, masks) only enter a metric of the caller's, not this loss.
+The schedule is bounded by epochs and wall-clock minutes; the best epoch on the eval set is kept.
 """
 from __future__ import annotations
 
@@ -18,8 +25,68 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import FinetuneConfig
+from .measure import flat_tensors
 
 Progress = Callable[[dict], None]
+
+
+def input_arrays(data, idx) -> list[np.ndarray]:
+    """The batch's input arrays in input order (single-input datasets of old code: `x`)."""
+    if hasattr(data, "arrays"):
+        return list(data.arrays(idx))
+    return [np.asarray(data.x[idx])]
+
+
+def to_tensors(arrays) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
+def has_class_ids(data) -> bool:
+    y = data.y
+    return y is not None and y.ndim == 1 and y.dtype.kind in "iu"
+
+
+def class_output(outputs: list[torch.Tensor], labels, n_classes: int | None = None) -> int | None:
+    """Index of the output of class scores for these class-id labels, or None."""
+    matrices = [i for i, t in enumerate(outputs) if t.is_floating_point() and t.dim() == 2]
+    exact = [i for i in matrices if outputs[i].shape[1] == n_classes]
+    if exact:
+        return exact[0]
+    top = int(np.max(labels)) if labels is not None and len(labels) else 0
+    fits = [i for i in matrices if outputs[i].shape[1] > top]
+    return fits[0] if fits else None
+
+
+class Objective:
+    """Which output gets which loss term, decided on the model's outputs and the data."""
+
+    def __init__(self, outputs: list[torch.Tensor], data):
+        floats = [i for i, t in enumerate(outputs) if t.is_floating_point()]
+        self.ce = None
+        if has_class_ids(data):
+            self.ce = class_output(outputs, data.y, len(data.classes) or None)
+            self.kd = [] if self.ce is None else [self.ce]
+        elif data.y is None and len(outputs) == 1 and outputs[0].dim() == 2 and floats:
+            self.kd = [0]
+        else:
+            self.kd = []
+        self.mse = [i for i in floats if i not in self.kd]
+
+    @property
+    def empty(self) -> bool:
+        return not self.kd and not self.mse
+
+    def loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor] | None, labels,
+             cfg: FinetuneConfig) -> torch.Tensor:
+        if teacher is None:  # plain fine-tuning: cross-entropy on the labels
+            return F.cross_entropy(student[self.ce], labels)
+        total = 0.0
+        for i in self.kd:
+            y = labels if i == self.ce else None
+            total = total + distillation_loss(student[i], teacher[i], y, cfg.temperature, cfg.alpha)
+        for i in self.mse:
+            total = total + F.mse_loss(student[i].float(), teacher[i].float())
+        return total
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float):
@@ -33,15 +100,24 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module | None = None) -> float | None:
-    """Top-1 accuracy on labelled data; top-1 agreement with `teacher` on unlabelled data."""
-    if data is None or len(data) == 0 or (not data.labelled and teacher is None):
+    """Top-1 accuracy on data labelled with class ids; top-1 agreement with `teacher` on
+    unlabelled data; None when there is no output of class scores to compare."""
+    if data is None or len(data) == 0:
+        return None
+    labelled = has_class_ids(data)
+    if not labelled and (teacher is None or data.y is not None):
         return None
     model.eval()
-    hits = 0
-    for x, y in data.batches(batch_size):
-        xt = torch.from_numpy(x)
-        pred = model(xt).argmax(1)
-        ref = torch.from_numpy(y) if y is not None else teacher.eval()(xt).argmax(1)
+    hits, k = 0, None
+    for j in data.batch_indices(batch_size):
+        xs = to_tensors(input_arrays(data, j))
+        outputs = flat_tensors(model(*xs))
+        if k is None:
+            k = Objective(outputs, data).ce if labelled else (0 if Objective(outputs, data).kd else None)
+            if k is None:
+                return None
+        pred = outputs[k].argmax(1)
+        ref = torch.from_numpy(data.y[j]) if labelled else flat_tensors(teacher.eval()(*xs))[k].argmax(1)
         hits += int((pred == ref).sum())
     return hits / len(data)
 
@@ -56,7 +132,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
     summary = {"distill": distill, "epochs_run": 0, "seconds": 0.0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": None, "eval_acc_after": None, "best_epoch": None, "stopped": None,
                "warnings": []}
-    reason = _cannot_train(train, distill, cfg)
+    reason = _cannot_train(student, teacher, train, distill, cfg)
     if reason:
         summary["warnings"].append(f"fine-tuning skipped: {reason}; the model is pruned only")
         return summary
@@ -84,9 +160,11 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     best = evaluate(student, eval, cfg.batch_size, teacher)
     summary["eval_acc_before"] = best
     best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
-    # The teacher is frozen and the training inputs do not change between epochs: its logits are
+    # The teacher is frozen and the training inputs do not change between epochs: its outputs are
     # computed once, so a distillation epoch costs what a plain one does (it took ~1.7x without).
-    teacher_logits = _teacher_logits(teacher, train.x, cfg.batch_size) if distill else None
+    cached = _teacher_outputs(teacher, train, cfg.batch_size) if distill else None
+    objective = _objective(student, train)
+    class_ids = has_class_ids(train)
 
     for epoch in range(1, cfg.epochs + 1):
         student.train()
@@ -94,18 +172,17 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
         for j in train.batch_indices(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
             if len(j) < 2:
                 continue  # BatchNorm cannot train on a single sample
-            xt = torch.from_numpy(train.x[j])
-            yt = torch.from_numpy(train.y[j]) if train.y is not None else None
-            logits = student(xt)
+            xs = to_tensors(input_arrays(train, j))
+            labels = torch.from_numpy(train.y[j]) if class_ids else None
+            outputs = flat_tensors(student(*xs))
+            soft = None
             if distill:
-                if teacher_logits is not None:
-                    soft = teacher_logits[torch.from_numpy(j)]
+                if cached is not None:
+                    soft = [t[torch.from_numpy(j)] for t in cached]
                 else:
                     with torch.no_grad():
-                        soft = teacher(xt)
-                loss = distillation_loss(logits, soft, yt, cfg.temperature, cfg.alpha)
-            else:
-                loss = F.cross_entropy(logits, yt)
+                        soft = flat_tensors(teacher(*xs))
+            loss = objective.loss(outputs, soft, labels, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -141,20 +218,38 @@ CACHE_LIMIT_BYTES = 512 * 2**20  # dense outputs (segmentation maps) would not f
 
 
 @torch.no_grad()
-def _teacher_logits(teacher: nn.Module, x: np.ndarray, batch_size: int) -> torch.Tensor | None:
+def _teacher_outputs(teacher: nn.Module, data, batch_size: int) -> list[torch.Tensor] | None:
     teacher.eval()
-    first = teacher(torch.from_numpy(x[:batch_size]))
-    if first[0].numel() * first.element_size() * len(x) > CACHE_LIMIT_BYTES:
+    n = len(data)
+    first = flat_tensors(teacher(*to_tensors(input_arrays(data, slice(0, batch_size)))))
+    per_sample = sum(t[0].numel() * t.element_size() for t in first if t.dim() > 0)
+    if per_sample * n > CACHE_LIMIT_BYTES or any(t.dim() == 0 or len(t) != min(batch_size, n) for t in first):
         return None
-    rest = [teacher(torch.from_numpy(x[i:i + batch_size])) for i in range(batch_size, len(x), batch_size)]
-    return torch.cat([first, *rest])
+    parts = [first] + [flat_tensors(teacher(*to_tensors(input_arrays(data, slice(i, i + batch_size)))))
+                       for i in range(batch_size, n, batch_size)]
+    return [torch.cat([p[k] for p in parts]) for k in range(len(first))]
 
 
-def _cannot_train(train, distill: bool, cfg: FinetuneConfig) -> str | None:
+@torch.no_grad()
+def _objective(student: nn.Module, data) -> Objective:
+    """Decided on the student's outputs (pruning keeps the teacher's output shapes)."""
+    was_training = student.training
+    outputs = flat_tensors(student.eval()(*to_tensors(input_arrays(data, slice(0, 2)))))
+    student.train(was_training)
+    return Objective(outputs, data)
+
+
+def _cannot_train(student, teacher, train, distill: bool, cfg: FinetuneConfig) -> str | None:
     if cfg.epochs == 0:
         return "epochs is 0"
     if train is None or len(train) == 0:
         return "no training data was given"
     if not train.labelled and not distill:
         return "the training data has no labels and distillation is off"
+    objective = _objective(student, train)
+    if not distill and objective.ce is None:
+        return ("plain fine-tuning needs class-id labels and an output of class scores (N, C), and "
+                "distillation is off")
+    if distill and objective.empty:
+        return "the model has no float output to distil"
     return None

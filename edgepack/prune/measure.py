@@ -6,17 +6,34 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-@torch.no_grad()
+def flat_tensors(out) -> list[torch.Tensor]:
+    """A model's outputs (tensor, tuple/list, dict, nested) as a flat list, in the order of
+    edgepack.onnx_tools.export.flatten_outputs (dicts by insertion order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_tensors(o)]
+    return []
+
+
 def count_macs_params(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass (FLOPs / 2, convs, linears and matmuls) and params."""
+    return macs_params_outputs(model, example_inputs)[:2]
+
+
+@torch.no_grad()
+def macs_params_outputs(model: nn.Module, example_inputs) -> tuple[int, int, list[torch.Tensor]]:
+    """count_macs_params, and the flattened outputs of the forward pass it ran."""
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(*example_inputs)
+            outputs = flat_tensors(model(*example_inputs))
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
+    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters()), outputs
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict]:

@@ -31,8 +31,13 @@ class PruneRecord:
     input_shapes: list[list[int]]
     output_shapes: list[list[int]]
     ignored_layers: list[str]
+    input_dtypes: list[str] = field(default_factory=list)  # torch dtype names; float32 when empty
+    # groups undone because pruning them was not exact: [{"layers": [...], "reason": "..."}]
+    protected: list[dict] = field(default_factory=list)
     layers: list[LayerChange] = field(default_factory=list)
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [before, after]
+    attributes: dict[str, int] = field(default_factory=dict)  # width attributes set to pruned widths
+    sliced: list = field(default_factory=list)  # per-head parameters: [[path, dim, kept indices]]
     groups_checked: int = 0  # channel groups verified exact by masking (see prune/verify.py)
     groups_unchecked: int = 0  # groups with channel-mixing layers, pruned unverified
     history: list = field(default_factory=list)  # torch-pruning history, replayed by load_pruned
@@ -40,6 +45,8 @@ class PruneRecord:
     latency_search: list[dict] = field(default_factory=list)  # [{"ratio", "p50_ms"}] measured candidates
     accuracy: dict = field(default_factory=dict)  # {"metric", "before", "pruned", "finetuned"} on eval
     warnings: list[str] = field(default_factory=list)
+    peak_rss_mb: int | None = None  # resident memory peak of the pruning run (the last one, for searches)
+    prune_seconds: float | None = None
 
     @property
     def macs_reduction(self) -> float:
@@ -71,6 +78,16 @@ class PruneRecord:
                   f"(ignored: {', '.join(f'`{n}`' for n in self.ignored_layers) or 'none'}); "
                   f"{self.groups_checked} channel group(s) verified exact by masking"
                   + (f", {self.groups_unchecked} unverifiable" if self.groups_unchecked else "") + ".", ""]
+        if self.protected:
+            lines += [f"Protected (left unpruned because pruning them was not exact, typically channels "
+                      f"crossing a channel shuffle or a reshape): "
+                      + "; ".join(f"{', '.join(f'`{n}`' for n in p['layers']) or 'a group'} ({p['reason']})"
+                                  for p in self.protected[:MAX_TABLE_ROWS])
+                      + (f"; ... {len(self.protected) - MAX_TABLE_ROWS} more in manifest.json"
+                         if len(self.protected) > MAX_TABLE_ROWS else "") + ".", ""]
+        if self.attributes:
+            lines += ["Width attributes kept in step: " + ", ".join(f"`{k}` = {v}" for k, v in self.attributes.items())
+                      + ".", ""]
         if changed:
             lines += ["| layer | type | in channels | out channels |", "|---|---|---:|---:|"]
             for c in changed[:MAX_TABLE_ROWS]:
@@ -81,6 +98,8 @@ class PruneRecord:
             lines.append("")
         if self.heads:
             lines += ["Attention heads: " + ", ".join(f"`{n}` {b} → {a}" for n, (b, a) in self.heads.items()), ""]
+        if self.peak_rss_mb is not None:
+            lines += [f"Pruning took {self.prune_seconds:.1f} s, peak resident memory {self.peak_rss_mb} MB.", ""]
         if self.latency_search:
             lines += ["Latency search (measured, ms p50): " + ", ".join(
                 f"ratio {c['ratio']:.3f} → {c['p50_ms']:.2f}" for c in self.latency_search), ""]

@@ -2,9 +2,10 @@
 
 A pruned model's architecture differs from its factory's, so weights alone cannot rebuild it.
 The file is safetensors: the state dict, plus metadata holding torch-pruning's history (which
-channel indices were removed from which layer, in order), attention head counts and the input
-shapes. `load_pruned` builds the factory's model, replays the history on it (same dependency
-graph, so the same shapes), then loads the weights strictly.
+channel indices were removed from which layer, in order), attention head counts, the per-head
+parameter slices and width attributes kept in step (sync.py), and the input shapes and dtypes.
+`load_pruned` builds the factory's model, replays the history on it (same dependency graph, so
+the same shapes), redoes the slices and attributes, then loads the weights strictly.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import EdgepackError
-from .engine import permutation_modules
+from .graph import exact_reshapes
+from .measure import attention_heads
 from .record import PruneRecord
+from .sync import head_parameters, redo
 
 FORMAT = "edgepack.pruned/1"
 
@@ -30,7 +33,9 @@ def save_pruned(model: nn.Module, path: Path, record: PruneRecord) -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "history": json.dumps(record.history),
             "heads": json.dumps({n: after for n, (_, after) in record.heads.items()}),
-            "input_shapes": json.dumps(record.input_shapes), "record": json.dumps(record.to_dict() | {"history": None})}
+            "input_shapes": json.dumps(record.input_shapes), "input_dtypes": json.dumps(record.input_dtypes),
+            "sliced": json.dumps(record.sliced), "attributes": json.dumps(record.attributes),
+            "record": json.dumps(record.to_dict() | {"history": None})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
@@ -60,14 +65,18 @@ def load_pruned(model: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_file
     meta = read_metadata(path)
     history = json.loads(meta["history"])
-    inputs = tuple(torch.zeros(s) for s in json.loads(meta["input_shapes"]))
+    shapes = json.loads(meta["input_shapes"])
+    dtypes = json.loads(meta.get("input_dtypes", "[]")) or ["float32"] * len(shapes)
+    inputs = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes))
     model.eval()
+    head_params = [getattr(model.get_submodule(n), p) for n, h in attention_heads(model).items()
+                   for p, _ in head_parameters(model.get_submodule(n), h)]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exact_reshapes():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(
-                model, inputs, customized_pruners=permutation_modules(model), verbose=False)
+            dg = tp.DependencyGraph().build_dependency(model, inputs, ignored_params=head_params, verbose=False)
             dg.load_pruning_history([(n, out, idx) for n, out, idx in history])
+        redo(model, json.loads(meta.get("sliced", "[]")), json.loads(meta.get("attributes", "{}")))
     except Exception as e:
         raise EdgepackError(f"cannot re-apply the pruning recorded in {path} to "
                             f"{type(model).__name__}: {type(e).__name__}: {e}",

@@ -5,13 +5,14 @@ import copy
 import time
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .config import PruneConfig
 from .engine import _tuple, prune_model
-from .finetune import evaluate, finetune
+from .finetune import evaluate, finetune, has_class_ids
 from .latency import search_latency_ratio
-from .measure import count_macs_params
+from .measure import count_macs_params, flat_tensors
 from .record import PruneRecord
 
 Progress = Callable[[dict], None]
@@ -72,7 +73,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         goal = ratio if ratio is not None else cfg.ratio
         progress({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
     pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=train,
-                                 between_steps=tune)
+                                 between_steps=tune, progress=progress)
     acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None
     tune(steps - 1, pruned)
     record.finetune = summaries
@@ -85,12 +86,14 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
 
 def unpruned_record(model: nn.Module, example_inputs, cfg: PruneConfig, search: list[dict], profile) -> PruneRecord:
     macs, params = count_macs_params(model, example_inputs)
-    outputs = model.eval()(*example_inputs)
+    with torch.no_grad():
+        outputs = flat_tensors(model.eval()(*example_inputs))
     return PruneRecord(
         requested={"latency_p50_ms": profile.budgets.latency_p50_ms}, ratio=0.0, importance=cfg.importance,
         global_pruning=cfg.global_pruning, round_to=cfg.round_to or profile.simd_width,
         iterative_steps=0, macs_before=macs, macs_after=macs, params_before=params, params_after=params,
-        input_shapes=[list(t.shape) for t in example_inputs], output_shapes=[list(outputs.shape)],
+        input_shapes=[list(t.shape) for t in example_inputs], output_shapes=[list(t.shape) for t in outputs],
+        input_dtypes=[str(t.dtype).removeprefix("torch.") for t in example_inputs],
         ignored_layers=[], latency_search=search,
         warnings=["the unpruned model already meets the latency budget: nothing was pruned"])
 
@@ -98,4 +101,6 @@ def unpruned_record(model: nn.Module, example_inputs, cfg: PruneConfig, search: 
 def _metric(data) -> str | None:
     if data is None:
         return None
-    return "top-1 accuracy" if data.labelled else "top-1 agreement with the unpruned model"
+    if has_class_ids(data):
+        return "top-1 accuracy"
+    return "top-1 agreement with the unpruned model" if data.y is None else None

@@ -1,0 +1,121 @@
+"""Bounded memory and time for a pruning run.
+
+torch-pruning's work happens in long pure-Python loops (index mappings, group building) that can
+grow without bound on graphs it misreads; the kernel then kills the process and nothing is
+printed. `ResourceGuard` polls the resident set size and the clock from a watchdog thread and,
+past a limit, raises `ResourceLimit` asynchronously in the pruning thread (delivered at its next
+bytecode, so inside torch-pruning's loops too). The guarded block turns that into an
+`UnprunableModel` naming the step that was running.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+import time
+
+POLL_SECONDS = 0.05
+REDELIVER_SECONDS = 0.5  # if a bare `except:` swallowed the first one, raise it again
+
+
+class ResourceLimit(BaseException):
+    """Raised asynchronously in the pruning thread; BaseException so that `except Exception`
+    handlers (ours and torch-pruning's) let it through."""
+
+
+def rss_mb() -> float:
+    """Resident set size of this process, MB (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def default_memory_limit_mb() -> int:
+    """What the process has now plus 3/4 of what the machine can still give: past it, the kernel
+    would soon kill the process without a word."""
+    return int(rss_mb() + 0.75 * available_mb())
+
+
+class ResourceGuard:
+    """`with ResourceGuard(max_mb, max_minutes) as guard: ...`; set `guard.step` to say what runs.
+    On a limit the block ends with `guard.exceeded` set (a sentence) and ResourceLimit raised;
+    callers turn it into their own error (see engine.py)."""
+
+    def __init__(self, max_memory_mb: int | None, max_minutes: float | None):
+        self.max_memory_mb = max_memory_mb or default_memory_limit_mb()
+        self.max_seconds = None if max_minutes is None else 60 * max_minutes
+        self.step = "starting"
+        self.exceeded: str | None = None
+        self.peak_mb = rss_mb()
+        self._start = time.monotonic()
+        self._done = threading.Event()
+        self._paused = False
+        self._thread_id = threading.get_ident()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self._start
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Not counted, not limited: fine-tuning between iterative steps."""
+        self._paused, since = True, time.monotonic()
+        try:
+            yield
+        finally:
+            self._start += time.monotonic() - since
+            self._paused = False
+
+    def __enter__(self) -> "ResourceGuard":
+        self._thread_id = threading.get_ident()
+        self._start = time.monotonic()
+        self._watchdog = threading.Thread(target=self._watch, name="edgepack-prune-guard", daemon=True)
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._watchdog.join()
+        _raise_in(self._thread_id, None)  # drop a delivery still pending
+
+    def _watch(self) -> None:
+        delivered_at = None
+        while not self._done.wait(POLL_SECONDS):
+            if self._paused:
+                continue
+            rss = rss_mb()
+            self.peak_mb = max(self.peak_mb, rss)
+            if self.exceeded is None:
+                if rss > self.max_memory_mb:
+                    self.exceeded = (f"its resident memory reached {rss:.0f} MB, over the limit of "
+                                     f"{self.max_memory_mb} MB")
+                elif self.max_seconds is not None and self.seconds > self.max_seconds:
+                    self.exceeded = f"it ran for {self.seconds / 60:.1f} min, over the limit of {self.max_seconds / 60:g} min"
+            if self.exceeded and (delivered_at is None or time.monotonic() - delivered_at > REDELIVER_SECONDS):
+                if not self._done.is_set():
+                    _raise_in(self._thread_id, ResourceLimit)
+                    delivered_at = time.monotonic()
+
+
+def _raise_in(thread_id: int, exc_type) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc_type) if exc_type else None)
