@@ -97,6 +97,11 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
                   f"{q['weight_type']} weights, {'per-channel' if q['per_channel'] else 'per-tensor'}, "
                   f"{q['method']} calibration on {q['calibration_samples']} samples ({q['seconds']} s)."
                   + (" Reused from the stage cache." if q.get("cache", {}).get("reused") else ""), ""]
+        if q.get("sensitivity"):
+            parts += ["Nodes that lose the most SQNR in int8 (32 calibration samples; a node's own loss is its "
+                      "input's SQNR minus its output's):", "",
+                      table(["node", "op", "SQNR dB", "lost dB"],
+                            [[r["node"], r["op"], r["sqnr_db"], r["lost_db"]] for r in q["sensitivity"][:10]]), ""]
         if q.get("float_nodes"):
             parts += ["Nodes that still compute in float in the int8 model (ONNX Runtime's view):", "",
                       table(["node", "op", "why"], [[r["node"], r["op"], r.get("reason", "")] for r in q["float_nodes"][:20]]), ""]

@@ -68,6 +68,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
                 fallback = _fallback(ctx, cfg, fp32, pre, int8)
                 if fallback:
                     record["fallback"] = fallback
+            # Every build lists the nodes that lose the most SQNR (bounded: 32 samples, batch by batch).
+            record["sensitivity"] = node_sensitivity(pre, int8, d.calib, samples=32)[:10]
         finally:
             pre.unlink(missing_ok=True)
         if cfg.tidy:  # measured on x86 only (bench/int8_speed.py): 2.73x -> 3.05x on ResNet-18-224
