@@ -131,6 +131,8 @@ def register(app: typer.Typer) -> None:
         finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="fine-tuning epochs after pruning"),
         no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune on labels only, without distillation"),
         allow_unpruned: bool = typer.Option(False, "--allow-unpruned", help="go on unpruned if the model cannot be pruned"),
+        prune_max_memory_mb: Optional[int] = typer.Option(None, "--prune-max-memory-mb", help="stop pruning with a clear error past this resident memory [3/4 of free]"),
+        prune_max_minutes: Optional[float] = typer.Option(None, "--prune-max-minutes", help="stop pruning with a clear error after this long [30]"),
         device: Optional[str] = typer.Option(None, "--device", help="deploy to this device and benchmark there"),
         devices_dir: list[str] = typer.Option([], "--devices-dir", help="extra device inventory directory"),
         accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="trust an unknown SSH host key once"),
@@ -144,6 +146,7 @@ def register(app: typer.Typer) -> None:
             "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
             "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
             "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
+            "max_memory_mb": prune_max_memory_mb, "max_prune_minutes": prune_max_minutes,
         }.items() if v is not None} or None
         data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),
                                       "preprocess": preprocess, "resize": _ints("--resize", resize),

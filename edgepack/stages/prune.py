@@ -45,8 +45,9 @@ def run(ctx: BuildContext, pcfg) -> dict:
 
     def progress(info: dict) -> None:
         stage = info.get("stage", "prune")
-        detail = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in info.items() if k != "stage")
+        head = [f"step {info['step']}"] if "step" in info else []  # which step, first; layer repeats it
+        detail = ", ".join(head + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in info.items() if k not in ("stage", "step", "layer") and v is not None])
         say(f"  {stage}: {detail}")
 
     goal = "the latency budget" if pcfg.to_latency else (f"ratio {pcfg.ratio}" if pcfg.ratio else f"MACs {pcfg.macs_target}")
