@@ -1,11 +1,12 @@
 """Calibration in bounded memory, on top of ONNX Runtime's calibrators.
 
 ORT's calibrators run an augmented model and keep what it returns for every batch until the end:
-the histogram ones keep every intermediate activation of every sample (16.5 GB for MobileNetV2-224
-with 512 samples), MinMax keeps only reductions but runs batches of 16 with the session's memory
-pattern on (2.5 GB). Here the same augmented models (ORT's `augment_graph`) run in batches sized
-so one batch of intermediates stays under a budget, each batch is folded into per-tensor state and
-dropped, and the result is the `TensorsData` ORT's `quantize_static` consumes. The ranges equal
+the histogram ones keep every intermediate activation of every sample (MobileNetV2-224: 4.2 GB
+peak with 64 samples, past 8 GB long before 512), MinMax keeps only reductions but its session
+holds every tensor of a batch of 16 (2.1 GB). Here the same augmented models (ORT's
+`augment_graph`) run in batches sized so one batch of intermediates stays under a budget, each
+batch is folded into per-tensor state and dropped, and the result is the `TensorsData` ORT's
+`quantize_static` consumes (bench/calib_memory.py: under 0.5 GB at 512 samples). The ranges equal
 the stock calibrators': MinMax keeps running minima and maxima; the histogram methods take two
 passes, the first for each tensor's exact extremes, so the second can bin every batch on the grid
 ORT would have built from all the data at once and sum the counts.
