@@ -194,7 +194,7 @@ def _sqnr_of(sig, noise) -> float | None:
     noise = np.atleast_1d(np.asarray(noise, np.float64))
     whole = _sqnr(float(sig.sum()), float(noise.sum()))
     live = sig > 0
-    if whole is None or live.sum() < 2:
+    if whole is None or live.sum() < 2 or noise.shape != sig.shape:  # no per-channel noise (e.g. no grid)
         return whole
     per = [_sqnr(s, n) for s, n in zip(sig[live], noise[live])]
     return min(whole, float(np.median(per)))
