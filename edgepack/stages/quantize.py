@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from ..data import Dataset
-from ..onnx_tools.quantize import node_sensitivity, preprocess, quantize_onnx
+from ..onnx_tools.quantize import calibration_ranges, node_sensitivity, preprocess, quantize_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
 from ..quality import drop, measure
@@ -63,9 +63,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
             ctx.say(f"warning: {cfg.choice['warning']}")
         pre = preprocess(fp32, ctx.work / ".pre.onnx")
         try:
-            record = quantize_onnx(fp32, int8, d.calib, q, ctx.profile.threads, preprocessed=pre)
+            ranges = calibration_ranges(pre, d.calib, q)  # once: they do not depend on the nodes left float
+            record = quantize_onnx(fp32, int8, d.calib, q, ctx.profile.threads, preprocessed=pre, ranges=ranges)
             if cfg.fallback:
-                fallback = _fallback(ctx, cfg, fp32, pre, int8)
+                fallback = _fallback(ctx, cfg, fp32, pre, int8, ranges)
                 if fallback:
                     record["fallback"] = fallback
             # Every build lists the nodes that lose the most SQNR (bounded: 32 samples, batch by batch).
@@ -96,7 +97,7 @@ def _misses(cfg: Config, ref: dict, q: dict) -> tuple[bool, float | None]:
     return missed, value
 
 
-def _fallback(ctx: BuildContext, cfg: Config, fp32: Path, pre: Path, int8: Path) -> dict | None:
+def _fallback(ctx: BuildContext, cfg: Config, fp32: Path, pre: Path, int8: Path, ranges) -> dict | None:
     """Leave the most sensitive nodes in float, 1, 2, 4... of them, until the budgets hold."""
     choose: Dataset = ctx.data.choose
     reference = predict_onnx(ctx, fp32, choose)
@@ -116,7 +117,8 @@ def _fallback(ctx: BuildContext, cfg: Config, fp32: Path, pre: Path, int8: Path)
     try:
         for k in sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)} - {0}):  # 1, 2, 4, ..., cap
             excluded = [r["node"] for r in ranking[:k]]
-            quantize_onnx(fp32, cand, ctx.data.calib, cfg.scheme, ctx.profile.threads, excluded, preprocessed=pre)
+            quantize_onnx(fp32, cand, ctx.data.calib, cfg.scheme, ctx.profile.threads, excluded, preprocessed=pre,
+                          ranges=ranges)
             qk = _quality(ctx, cand, reference)
             missed, value = _misses(cfg, ref, qk)
             record["tried"].append({"float_nodes": k, "drop": _round(value), "sqnr_db": qk.get("sqnr_db")})
