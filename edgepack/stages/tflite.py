@@ -6,6 +6,7 @@ is the one judged (ONNX Runtime runs on the Pi and on Android), and the report s
 """
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -94,16 +95,52 @@ def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     keep = KEEP
     stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
              "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
+    # Ranking ops keeps every intermediate tensor, and ai-edge-litert aborts the whole process on
+    # some graphs (seen: a small transformer encoder): run that part in a forked child.
     if cfg.fallback:
-        fb = tflite.fallback(ctx.work / FP32, ctx.work / INT8, calib, _misses(ctx, cfg), max_float_ops=cfg.max_float_ops,
-                             layout=cfg.layout, threads=ctx.profile.threads, say=ctx.say, **names)
-        if fb:
+        fb = _isolated(lambda: tflite.fallback(ctx.work / FP32, ctx.work / INT8, calib, _misses(ctx, cfg),
+                                               max_float_ops=cfg.max_float_ops, layout=cfg.layout,
+                                               threads=ctx.profile.threads, say=ctx.say, **names), "the TFLite fallback")
+        if isinstance(fb, str):
+            ctx.say(f"warning: {fb}")
+            stage["fallback_skipped"] = fb
+        elif fb:
             stage["fallback"] = fb
             if fb.get("replaced"):
                 stage["int8"] = {k: fb["artifact"].get(k) for k in keep}  # new IO scales for the manifest
-    report = tflite.int8_report(ctx.work / FP32, ctx.work / INT8, calib.arrays(), cfg.layout, top=10, samples=32)
-    stage["sensitivity"] = report
+    report = _isolated(lambda: tflite.int8_report(ctx.work / FP32, ctx.work / INT8, calib.arrays(), cfg.layout,
+                                                  top=10, samples=32), "the TFLite per-op SQNR report")
+    stage["sensitivity"] = {"skipped": report, "ops": []} if isinstance(report, str) else report
     return stage
+
+
+def _isolated(fn, what: str):
+    """fn() in a forked child: its result, or a sentence saying why there is none (a native abort
+    there costs only that part). An EdgepackError in the child is raised here with its message."""
+    mp = multiprocessing.get_context("fork")
+    receive, send = mp.Pipe(duplex=False)
+
+    def child():
+        try:
+            send.send(("ok", fn()))
+        except EdgepackError as e:
+            send.send(("edgepack", (e.message, e.hint)))
+        except BaseException as e:  # noqa: BLE001  (reported to the parent as a skipped part)
+            send.send(("error", f"{type(e).__name__}: {e}"))
+    proc = mp.Process(target=child)
+    proc.start()
+    send.close()
+    try:
+        kind, value = receive.recv()
+    except EOFError:
+        kind, value = "died", None
+    proc.join()
+    if kind == "ok":
+        return value
+    if kind == "edgepack":
+        raise EdgepackError(*value)
+    why = value or f"the process running it died (exit {proc.exitcode}: ai-edge-litert aborted)"
+    return f"{what} was skipped: {why}"
 
 
 def _misses(ctx: BuildContext, cfg: Config):
