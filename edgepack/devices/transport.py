@@ -243,11 +243,14 @@ class SshTransport(Transport):
             else:
                 sftp.put(str(source), remote, callback=cb, confirm=True)
         except (OSError, EOFError) as e:
-            # EOF means the channel died; paramiko may not have marked the transport inactive yet.
-            if isinstance(e, EOFError) or not self.transport.is_active():
-                raise DeviceUnreachable(f"device {self.device.name}: connection lost while uploading {remote}") from e
-            raise DeviceError(f"device {self.device.name}: upload of {remote} failed: {e}",
-                              "check free disk space and permissions of the workdir on the device") from e
+            raise self._sftp_error(e, f"uploading {remote}", f"upload of {remote}",
+                                   "check free disk space and permissions of the workdir on the device") from e
+
+    def _sftp_error(self, e: BaseException, doing: str, what: str, hint: str) -> DeviceError:
+        # EOF means the channel died; paramiko may not have marked the transport inactive yet.
+        if isinstance(e, EOFError) or not self.transport.is_active():
+            return DeviceUnreachable(f"device {self.device.name}: connection lost while {doing}")
+        return DeviceError(f"device {self.device.name}: {what} failed: {e}", hint)
 
     def _sftp_client(self):
         if self._sftp is None:
@@ -259,10 +262,7 @@ class SshTransport(Transport):
         try:
             self._sftp_client().get(remote, str(local))
         except (OSError, EOFError) as e:
-            if isinstance(e, EOFError) or not self.transport.is_active():
-                raise DeviceUnreachable(f"device {self.device.name}: connection lost while fetching {remote}") from e
-            raise DeviceError(f"device {self.device.name}: fetching {remote} failed: {e}",
-                              "check the workdir on the device") from e
+            raise self._sftp_error(e, f"fetching {remote}", f"fetching {remote}", "check the workdir on the device") from e
 
     def close(self):
         # Closing sends a last packet; over a connection that just died that raises EOFError or

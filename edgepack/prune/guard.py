@@ -23,30 +23,27 @@ class ResourceLimit(BaseException):
     handlers (ours and torch-pruning's) let it through."""
 
 
-def rss_mb() -> float:
-    """Resident set size of this process, MB (VmRSS)."""
-    with open("/proc/self/status") as f:
+def _proc_mb(path: str, key: str) -> float:
+    """A kB field of a /proc file (VmRSS, VmHWM, MemAvailable...) in MB; 0 when absent."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mb() -> float:
+    """Resident set size of this process, MB (VmRSS)."""
+    return _proc_mb("/proc/self/status", "VmRSS")
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MB (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_mb("/proc/self/status", "VmHWM")
 
 
 def available_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_mb("/proc/meminfo", "MemAvailable")
 
 
 def default_memory_limit_mb() -> int:
