@@ -248,18 +248,25 @@ def fold_data_movement(graph: _Graph) -> int:
                 or not all(q.op_type == "QuantizeLinear" and _same_qparams(graph, dq, q) for q in qs)):
             continue
         node.input[0] = dq.input[0]
-        keep = qs[0].output[0]
-        for q in qs[1:]:
-            graph.replace_uses(q.output[0], keep)
-        for q in qs:
-            graph.remove(q)
-        node.output[0] = keep
-        graph.refresh()
-        if not graph.consumers.get(dq.output[0]) and dq.output[0] not in graph.outputs:
-            graph.remove(dq)
-        graph.refresh()
+        _bypass(graph, node, qs, [dq])
         folded += 1
     return folded
+
+
+def _bypass(graph: _Graph, node, qs: list, dqs: list) -> None:
+    """`node` now reads the DQs' integer inputs: it writes the first Q's output in place of every Q,
+    and DQs nobody reads any more go."""
+    keep = qs[0].output[0]
+    for q in qs[1:]:
+        graph.replace_uses(q.output[0], keep)
+    for q in qs:
+        graph.remove(q)
+    node.output[0] = keep
+    graph.refresh()
+    for d in {id(d): d for d in dqs}.values():
+        if not graph.consumers.get(d.output[0]) and d.output[0] not in graph.outputs:
+            graph.remove(d)
+    graph.refresh()
 
 
 def share_concat_scales(graph: _Graph) -> int:
@@ -299,17 +306,7 @@ def fold_concats(graph: _Graph) -> int:
             continue
         for k, d in enumerate(dqs):
             cat.input[k] = d.input[0]
-        keep = qs[0].output[0]
-        for q in qs[1:]:
-            graph.replace_uses(q.output[0], keep)
-        for q in qs:
-            graph.remove(q)
-        cat.output[0] = keep
-        graph.refresh()
-        for d in {id(d): d for d in dqs}.values():
-            if not graph.consumers.get(d.output[0]) and d.output[0] not in graph.outputs:
-                graph.remove(d)
-        graph.refresh()
+        _bypass(graph, cat, qs, dqs)
         folded += 1
     return folded
 
