@@ -82,6 +82,11 @@ class BuildConfig(BaseModel):
     latency_runs: int = Field(50, ge=5)
     # Pruning (see edgepack.prune.PruneConfig); None = no pruning.
     prune: dict[str, Any] | None = None
+    # Compression stages after pruning (edgepack.compress): {"lowrank": {...}, "cluster": {...}, ...},
+    # the [compress] table of the config file; None or an absent key = that stage is off.
+    compress: dict[str, dict[str, Any]] | None = None
+    # The [search] table (edgepack.search): read by `edgepack search` only; a build ignores it.
+    search: dict[str, Any] | None = None
     # Deploy + benchmark on a device after building.
     device: str | None = None
     devices_dir: list[str] = []
