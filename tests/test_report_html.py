@@ -297,7 +297,7 @@ def test_report_html_renders_in_headless_chromium(tmp_path, monkeypatch):
         pytest.skip("chromium is not installed (scripts/install-system-deps.sh installs Debian's chromium)")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # only the shipped `local` device
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    code, _, err = run_cli("build", "--prune", "0.5", "--finetune-epochs", "0", "--device", "local", "--out",
+    code, _, err = run_cli("build", "--prune", "0.5", "--finetune-epochs", "2", "--device", "local", "--out",
                            str(tmp_path / "dist"), "--latency-runs", "20", "-q")
     assert code == 0, err
     build = tmp_path / "dist" / "digits-cnn-x86"
