@@ -160,6 +160,8 @@ def flags_for_build(profile: TargetProfile, device: str | None = None, device_in
             return None, (f"device {device} is {machine} but target {profile.name!r} is {arch}: "
                           "its CPU flags do not apply")
         if device_info.get("int8_flags") is None:
+            if device_info.get("error"):
+                return None, f"device {device} could not be probed for its CPU flags: {device_info['error']}"
             return None, f"device {device} did not report its CPU's int8 flags (an older agent or probe)"
         return list(device_info["int8_flags"]), f"device {device} (reported by the device)"
     host = host if host is not None else read_cpuinfo()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..cpuinfo import parse_cpuinfo
 from ..manifest import MANIFEST, Manifest, read_manifest, sha256_file
 from ..names import PLAIN_NAME_RULE, is_plain_name
 from . import device_ops
@@ -25,6 +26,8 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 AGENT_FILES = {name: _PACKAGE / name for name in ("agent.py", "runtime.py", "cpuinfo.py")}
 _OPS_SOURCE = Path(device_ops.__file__).read_text()
 DISK_MARGIN = 64 * 1024  # directory entries, the symlink, filesystem rounding
+# Read on the device by the probe (an emulated Pi's sysroot carries its own, which qemu serves).
+CPUINFO_PATH = "/proc/cpuinfo"
 
 # What must import on the device to run an artifact format, and how to install it there.
 RUNTIME_MODULES = {
@@ -77,7 +80,23 @@ def probe(t: Transport, formats: set[str] | None = None) -> dict:
     formats = formats if formats is not None else set(RUNTIME_MODULES)
     modules = sorted({m for alt in required_modules(formats) for m in alt})
     # Importing a runtime under emulation takes a while; allow for it.
-    return device_op(t, "probe", {"workdir": t.device.workdir, "modules": modules}, timeout=600)
+    info = device_op(t, "probe", {"workdir": t.device.workdir, "modules": modules, "cpuinfo_path": CPUINFO_PATH},
+                     timeout=600)
+    info.update(cpu_of(info))
+    return info
+
+
+def cpu_of(info: dict) -> dict:
+    """{"cpu_model", "cpu_core", "int8_flags"} (the agent's names) from a probe's cpuinfo text,
+    parsed here with the agent's parser (edgepack.cpuinfo). `int8_flags` is None when the device has no cpuinfo (or an older probe
+    sent none): unknown, which is not the same as "no int8 flags"."""
+    text = info.get("cpuinfo")
+    if not text:
+        return {"cpu_model": None, "cpu_core": None, "int8_flags": None}
+    parsed = parse_cpuinfo(text, info.get("machine") or None)
+    known = bool(parsed["flags"])
+    return {"cpu_model": parsed["model"], "cpu_core": parsed["core"],
+            "int8_flags": parsed["int8_flags"] if known else None}
 
 
 def problems(device: Device, info: dict, formats: set[str]) -> list[tuple[str, str]]:
@@ -238,7 +257,8 @@ def deploy(build_dir: Path | str, device: Device | str, accept_new_host_key: boo
 
 
 def check_device(device: Device | str, accept_new_host_key: bool = False, dirs=None) -> dict:
-    """Connect and probe: arch, python, runtimes, free disk. Raises DeviceUnreachable /
+    """Connect and probe: arch, python, runtimes, free disk, the CPU and its int8 flags (`int8_flags`,
+    None when the device has no cpuinfo). Raises DeviceUnreachable /
     DeviceError when the device cannot be reached; other findings are in `problems`."""
     device = device if isinstance(device, Device) else get_device(device, dirs)
     started = time.monotonic()
@@ -252,7 +272,31 @@ def check_device(device: Device | str, accept_new_host_key: bool = False, dirs=N
         "ok": not found, "problems": [{"problem": p, "fix": h} for p, h in found],
         "machine": info["machine"], "arch_expected": profile.arch, "python": info["python"],
         "executable": info["executable"], "workdir": info["workdir"], "free_mb": round(info["free_bytes"] / 1e6, 1),
-        "cpu_count": info["cpu_count"],
+        "cpu_count": info["cpu_count"], "cpu_model": info["cpu_model"], "cpu_core": info["cpu_core"],
+        "int8_flags": info["int8_flags"],
         "runtimes": {m: (v.get("version") if v.get("ok") else None) for m, v in info["modules"].items()},
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def device_cpu(device: Device | str, accept_new_host_key: bool = False, dirs=None) -> dict:
+    """{"device", "machine", "cpu_model", "cpu_core", "int8_flags"} of the device's CPU: a probe that imports
+    nothing (fast under emulation too), for choosing the int8 scheme before building
+    (edgepack.scheme.flags_for_build's `device_info`). Raises DeviceUnreachable / DeviceError."""
+    device = device if isinstance(device, Device) else get_device(device, dirs)
+    with connect(device, accept_new_host_key) as t:
+        info = probe(t, set())
+    return {"device": device.name, "machine": info["machine"], "cpu_model": info["cpu_model"],
+            "cpu_core": info["cpu_core"], "int8_flags": info["int8_flags"]}
+
+
+def cpu_probe(device: Device | None, accept_new_host_key: bool = False) -> Callable[[str], dict]:
+    """A `probe` for edgepack.scheme.scheme_for_build: the device's CPU report (device_cpu). A
+    device that cannot be reached then reports no flags, with the error (the scheme falls back to
+    the profile's default and says why; the deploy stage reports the connection itself)."""
+    def run(_name: str) -> dict:
+        try:
+            return device_cpu(device, accept_new_host_key)
+        except DeviceError as e:
+            return {"device": device.name, "machine": None, "int8_flags": None, "error": e.message}
+    return run

@@ -49,12 +49,39 @@ def probe(args):
         except BaseException as e:  # a broken wheel can raise anything, even SystemExit
             modules[mod] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
     return {
+        "cpuinfo": read_cpuinfo_text(args.get("cpuinfo_path", "/proc/cpuinfo")),
         "machine": platform.machine(), "system": platform.system(),
         "python": platform.python_version(), "executable": sys.executable,
         "workdir": workdir, "free_bytes": st.f_bavail * st.f_frsize,
         "writable": os.access(existing, os.W_OK), "cpu_count": os.cpu_count(),
         "modules": modules,
     }
+
+
+# The /proc/cpuinfo lines the host parses (edgepack.cpuinfo.parse_cpuinfo): the model, the ARM
+# core id and every core's flags. Identical flag lines are sent once (the host intersects them, so
+# that changes nothing) and the rest is dropped: a 128-core server's file is ~200 KB.
+CPUINFO_KEYS = ("processor", "flags", "Features", "model name", "Model", "Hardware", "cpu model",
+                "Processor", "CPU implementer", "CPU part", "CPU architecture")
+
+
+def read_cpuinfo_text(path):
+    """The host-relevant lines of the device's cpuinfo, or None where there is none (macOS)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    kept, seen = [], set()
+    for line in text.splitlines():
+        key = line.partition(":")[0].strip()
+        if key not in CPUINFO_KEYS:
+            continue
+        if key != "processor" and line in seen:
+            continue
+        seen.add(line)
+        kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 STALE_PARTIAL_S = 600

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from ..data import Dataset
+from ..devices.deploy import cpu_probe
 from ..onnx_tools.quantize import calibration_ranges, node_sensitivity, preprocess, quantize_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
@@ -38,9 +39,9 @@ class Config(BaseModel):
 
 def config(ctx: BuildContext) -> Config:
     b = ctx.profile.budgets
-    # With --device the device's own flags would decide; until the device check reports them the
-    # flags are unknown there and the profile's default stands (the record says so).
-    scheme, choice = scheme_for_build(ctx.profile, ctx.device.name if ctx.device is not None else None)
+    # With --device the device's own CPU flags decide (probed there; unreachable: the profile's default, said so).
+    scheme, choice = scheme_for_build(ctx.profile, ctx.device.name if ctx.device is not None else None,
+                                      probe=cpu_probe(ctx.device, ctx.cfg.accept_new_host_key))
     return Config(scheme=scheme, choice=choice, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
                   max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
                   tidy=ctx.profile.arch == "x86_64")
