@@ -131,3 +131,55 @@ def op_profile(rows: Sequence[dict], title: str) -> str | None:
     ax.grid(axis="x", alpha=0.3)
     ax.margins(x=0.12)
     return data_uri(fig)
+
+
+def save_png(fig: Figure, path) -> None:
+    """The figure as a PNG file (the search's trade-off plot beside its trial table)."""
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+
+
+def tradeoff_figure(trials: Sequence[dict], pareto: Sequence[int], best: int | None, title: str) -> Figure | None:
+    """A search's trials: quality against latency, marker area by size, the Pareto front ringed
+    and joined, the best build starred, trials that miss a budget hollow."""
+    done = [t for t in trials if t.get("metric") is not None and t.get("latency_ms") is not None]
+    if not done:
+        return None
+    fig = Figure(figsize=(WIDTH_IN, 5.6))
+    ax = fig.add_subplot()
+    sizes = np.array([float(t.get("size_mb") or 0) for t in done])
+    area = 40 + 360 * (sizes / sizes.max() if sizes.max() > 0 else 0)
+    x = np.array([float(t["latency_ms"]) for t in done])
+    y = np.array([float(t["metric"]) for t in done])
+    ok = np.array([bool(t.get("feasible")) for t in done])
+    ax.scatter(x[ok], y[ok], s=area[ok], color=AFTER, alpha=0.55, label="meets every judged budget")
+    if (~ok).any():
+        ax.scatter(x[~ok], y[~ok], s=area[~ok], facecolors="none", edgecolors=BAR, linewidths=1.2,
+                   label="misses a budget")
+    front = sorted((t for t in done if t["number"] in set(pareto)), key=lambda t: float(t["latency_ms"]))
+    if front:
+        fx, fy = [float(t["latency_ms"]) for t in front], [float(t["metric"]) for t in front]
+        ax.plot(fx, fy, color="#222222", linewidth=1, linestyle="--", zorder=1)
+        ax.scatter(fx, fy, s=[area[done.index(t)] + 80 for t in front], facecolors="none", edgecolors="#222222",
+                   linewidths=1.6, label=f"Pareto front ({len(front)})")
+    for t in done:
+        ax.annotate(str(t["number"]), (float(t["latency_ms"]), float(t["metric"])), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    star = next((t for t in done if t["number"] == best), None)
+    if star is not None:
+        ax.scatter([float(star["latency_ms"])], [float(star["metric"])], marker="*", s=320, color="#e8a33d",
+                   edgecolors="#222222", zorder=5, label=f"best build (trial {best})")
+    where = sorted({str(t.get("latency_where") or "?") for t in done})
+    ax.set_xlabel(f"p50 latency (ms), measured on {', '.join(where)}")
+    ax.set_ylabel(next((t.get("metric_name") for t in done if t.get("metric_name")), None) or "quality")
+    ax.set_title(f"{title}\nmarker area: size of the judged artifact, {sizes.min():.3g} to {sizes.max():.3g} MB",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def tradeoff(trials: Sequence[dict], pareto: Sequence[int], best: int | None, title: str) -> str | None:
+    """tradeoff_figure as a data URI (report.html)."""
+    fig = tradeoff_figure(trials, pareto, best, title)
+    return data_uri(fig) if fig is not None else None
