@@ -53,6 +53,8 @@ class TargetProfile(Strict):
     arch: Literal["x86_64", "aarch64", "armv7l"]
     runtime: Literal["onnxruntime", "tflite"]
     formats: list[Literal["onnx", "tflite"]] = ["onnx"]
+    # The precisions the build makes artifacts in; "fp16" adds model.fp16.onnx/.tflite (stage fp16).
+    precisions: list[Literal["fp32", "int8", "fp16"]] = ["fp32", "int8"]
     threads: int = Field(1, ge=1, le=256)
     simd_width: int = Field(8, ge=1, le=64)
     layout: Literal["NCHW", "NHWC"] = "NCHW"

@@ -37,11 +37,13 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     made = [("model.fp32.onnx", "onnx", "fp32"), ("model.int8.onnx", "onnx", "int8")]
     if "int8" in (ctx.records.get("tflite") or {}):
         made += [(tflite_stage.FP32, "tflite", "fp32"), (tflite_stage.INT8, "tflite", "int8")]
+    made += [tuple(a) for a in (ctx.records.get("fp16") or {}).get("artifacts", [])]
     for path, fmt, precision in made:
         ref = None if (fmt, precision) == ("onnx", "fp32") and m.kind == "onnx" else ctx.reference
         q = measure(ctx.outputs[path], m.outputs, report.y, ref, ctx.metric)
         if fmt == "tflite":
-            specs = tflite_stage.specs(ctx.records["tflite"], precision)
+            # an fp16 .tflite has the fp32 one's inputs and outputs (only weights change)
+            specs = tflite_stage.specs(ctx.records["tflite"], "fp32" if precision == "fp16" else precision)
             layout = ctx.profile.layout
         else:
             specs, layout = onnx_specs(ctx.work / path, m.outputs), "NCHW"
