@@ -28,6 +28,7 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 
 # Command modules; each defines register(app). Order is the order of `edgepack --help`.
 COMMAND_MODULES = ["build", "prune", "report", "compare", "targets", "devices", "emulate", "cache"]
+COMMAND_MODULES.insert(COMMAND_MODULES.index("build") + 1, "search")  # edgepack search, search show
 
 
 @app.callback()
