@@ -287,11 +287,38 @@ def _quantize(m: Manifest) -> list[str]:
     return parts
 
 
+def _search(build_dir: Path, plots) -> list[str]:
+    """The search that chose this build (`edgepack search` leaves search.json beside the manifest)."""
+    path = Path(build_dir) / "search.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
+        return []
+    trials, pareto, best = data["trials"], data.get("pareto") or [], data.get("best")
+    done = [t for t in trials if t.get("metric") is not None]
+    title = f"Search {data.get('study')}: {len(done)} measured trial(s); {data.get('latency_note', '')}"
+    rows = [[t["number"], md.fmt(t.get("metric"), 2), md.fmt(t.get("latency_ms"), 3), t.get("latency_where") or "-",
+             md.fmt(t.get("size_mb"), 3), "pass" if t.get("feasible") else "FAIL",
+             ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())]
+            for t in sorted(done, key=lambda t: t["number"]) if t["number"] in pareto]
+    metric = next((t.get("metric_name") for t in done if t.get("metric_name")), "metric")
+    return [f"<h2>Search</h2><p>This build is trial {esc(best)} of the study <code>{esc(data.get('study'))}</code> "
+            f"({len(trials)} trials, storage <code>{esc(data.get('storage'))}</code>): the feasible trial with the "
+            f"highest {esc(metric)}, then the lowest latency, then the smallest size. "
+            f"{esc(data.get('latency_note', ''))}.</p>",
+            figure(plots.tradeoff(trials, pareto, best, title), "accuracy against latency of every trial",
+                   "Ringed and joined: the Pareto front. Star: this build. Hollow: a budget missed."),
+            f"<h3>Pareto front ({len(rows)})</h3>",
+            table(["trial", metric, "p50 ms", "where", "size MB", "budgets", "params"], rows)]
+
+
 def render_html(build_dir: Path, m: Manifest, peak_mb: dict | None = None) -> str:
     from . import plots  # matplotlib: paid only when a page is drawn, not by everything importing report
     peak = peak_mb or peak_from_notes(m)
     body = (_header(m) + _artifacts(m, peak) + _io(m) + _latency(m, plots) + _devices(bench_results(build_dir, m), plots)
-            + _prune(m, plots) + _sensitivity(m, plots) + _quantize(m)
+            + _search(build_dir, plots) + _prune(m, plots) + _sensitivity(m, plots) + _quantize(m)
             + ["<h2>Versions</h2>", f"<p>{esc(', '.join(f'{k} {v}' for k, v in m.versions.items()))}</p>",
                f"<p class=\"note\">Config hash <code>{esc(m.config_hash)}</code>, data hash "
                f"<code>{esc(m.data_hash)}</code>. The same figures as text: report.md; every number: manifest.json.</p>"])
