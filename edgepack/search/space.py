@@ -47,7 +47,7 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_range(value: dict) -> bool:
-    return "low" in value and "high" in value
+    return "low" in value or "high" in value
 
 
 def is_torch_model(cfg: BuildConfig) -> bool:
@@ -94,7 +94,7 @@ def _check(key: str, value) -> None:
         raise EdgepackError(f"[search] {key}: choices must be numbers, strings or booleans")
     if isinstance(value, dict):
         extra = set(value) - {"low", "high", "step", "log"}
-        if extra or not all(isinstance(value[k], (int, float)) for k in ("low", "high")):
+        if extra or not all(isinstance(value.get(k), (int, float)) for k in ("low", "high")):
             raise EdgepackError(f"[search] {key}: a range is {{low = A, high = B}} with optional step and log",
                                 f"got {value}")
         if value["low"] > value["high"]:

@@ -1,0 +1,145 @@
+"""edgepack.search without builds: the space, the constraints, the trial count, reaping dead
+workers, the plot and report.html's search section. (Builds and real databases: test_search_runs.py.)"""
+from __future__ import annotations
+
+import json
+import tomllib
+
+import optuna
+import pytest
+
+from edgepack.config import BuildConfig
+from edgepack.errors import EdgepackError
+from edgepack.pipeline import resolve_profile
+from edgepack.search import SearchConfig, space as sp
+from edgepack.search.config import default_study, redact, storage_url
+from edgepack.search.objective import _excess
+from edgepack.search.study import is_surplus, open_storage, reap_dead_local, tally
+
+
+def test_space_defaults_flatten_and_apply(tmp_path):
+    cfg = BuildConfig(target="rpi", prune={"epochs": 1, "to_latency": True})
+    profile = resolve_profile(cfg)
+    space = sp.resolve_space({"prune": {"ratio": [0.0, 0.5], "importance": "l1"},
+                              "quantization": {"calibration_method": ["MinMax"]},
+                              "compress": {"lowrank": {"rank_ratio": {"low": 0.25, "high": 0.75}}}}, profile, cfg)
+    assert space["prune.ratio"] == [0.0, 0.5] and space["prune.importance"] == "l1"  # a scalar fixes a default
+    assert space["compress.lowrank.rank_ratio"] == {"low": 0.25, "high": 0.75}
+    assert "threads" in space and space["threads"][-1] == profile.threads
+    assert "quantization.per_channel" in space and "max_float_nodes" in space
+    values = {**sp.first_values(space), "prune.ratio": 0.5, "quantization.per_channel": False, "threads": 1,
+              "quantization.activation_type": "QUInt8", "runtime": "onnxruntime"}
+    tcfg = sp.apply(cfg, profile, values, tmp_path / "t", trial_minutes=3, device="pi-1")
+    written = tomllib.loads((tmp_path / "t" / "target.toml").read_text())
+    assert written["name"] == "rpi" and written["threads"] == 1 and written["runtime"] == "onnxruntime"
+    assert written["formats"] == ["onnx"]
+    assert written["quantization"]["per_channel"] is False and written["quantization"]["scheme"] == "fixed"
+    assert tcfg.prune["ratio"] == 0.5 and "to_latency" not in tcfg.prune  # the space's ratio is the goal
+    assert tcfg.prune["max_minutes"] == 3 and tcfg.prune["importance"] == "l1" and tcfg.prune["epochs"] == 1
+    assert tcfg.compress == {"lowrank": {"rank_ratio": 0.25}}
+    assert tcfg.device == "pi-1" and tcfg.out == str(tmp_path / "t")
+    assert resolve_profile(tcfg).quantization.per_channel is False
+    # ratio 0: no pruning at all, and the other pruning defaults drop out of the space
+    no_prune = sp.resolve_space({"prune": {"ratio": 0.0}}, profile, cfg)
+    assert not [k for k in no_prune if k.startswith("prune.") and k != "prune.ratio"]
+    assert sp.apply(cfg, profile, {"prune.ratio": 0.0}, tmp_path / "u", 3, None).prune is None
+
+
+def test_space_errors_name_the_key(tmp_path):
+    cfg = BuildConfig(target="x86")
+    profile = resolve_profile(cfg)
+    for table, words in (({"quantization": {"calibration_method": []}}, "empty list"),
+                         ({"prune": {"ratio": {"low": 0.6, "high": 0.1}}}, "above high"),
+                         ({"prune": {"ratio": {"low": 0.1, "top": 0.5}}}, "a range is")):
+        with pytest.raises(EdgepackError, match=words):
+            sp.resolve_space(table, profile, cfg)
+    for values, words in (({"weights": "x.safetensors"}, "not something a trial can change"),
+                          ({"quantization.colour": 1}, "no such field"),
+                          ({"runtime": "tensorrt"}, "use onnxruntime"),
+                          ({"max_float_nodes": -1}, "max_float_nodes")):
+        with pytest.raises(EdgepackError, match=words):
+            sp.apply(cfg, profile, values, tmp_path / "t", 3, None)
+
+
+def test_config_names_and_urls(tmp_path):
+    assert default_study(None, None, "rpi") == "digits-cnn-rpi"
+    assert default_study(None, "nets/my_net.py:build", "x86") == "my-net-x86"
+    assert default_study("mynet", "m.onnx", "targets/jetson.toml") == "mynet-jetson"
+    assert storage_url(SearchConfig(out=str(tmp_path)), "s") == f"sqlite:///{tmp_path / 's.search' / 'study.db'}"
+    assert redact("postgresql://u:secret@db:5432/e") == "postgresql://u:***@db:5432/e"
+    with pytest.raises(ValueError, match="not a database URL"):
+        SearchConfig(storage="redis://x")
+
+
+def test_constraint_excess_is_relative_and_fails_closed():
+    assert _excess("latency_p50_ms", 20.0, 25.0) == pytest.approx(0.25)
+    assert _excess("size_mb", 10.0, 5.0) == pytest.approx(-0.5)
+    assert _excess("min_sqnr_db", 20.0, 30.0) == pytest.approx(-0.5)
+    assert _excess("max_accuracy_drop", 1.0, None) == 1.0
+
+
+def _study(tmp_path, **kw):
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", heartbeat_s=1, grace_s=60, max_retry=2)
+    return optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize", "minimize"])
+
+
+def _add(study, state, number_attrs=None):
+    t = optuna.trial.create_trial(state=state, values=[1.0, 1.0, 1.0] if state.name == "COMPLETE" else None,
+                                  user_attrs=number_attrs or {}, params={}, distributions={})
+    study.add_trial(t)
+
+
+def test_trial_count_and_surplus(tmp_path):
+    S = optuna.trial.TrialState
+    study = _study(tmp_path)
+    _add(study, S.COMPLETE)                               # 0 done
+    _add(study, S.FAIL, {"reason": "device x: gone"})     # 1 done: it ran and failed for its own reason
+    _add(study, S.FAIL)                                   # 2 a dead worker's trial: retried, not counted
+    _add(study, S.FAIL, {"reason": "surplus", "surplus": True})  # 3 gave way: not counted
+    t = tally(study)
+    assert (t.done, t.running, t.waiting) == (2, 0, 0)
+    a, b = study.ask(), study.ask()                       # two workers ask at once for the last trial
+    assert not is_surplus(study, a.number, trials=3)
+    assert is_surplus(study, b.number, trials=3)          # the later number gives way
+    assert not is_surplus(study, b.number, trials=4)
+
+
+def test_reap_dead_local_worker_requeues_its_trial(tmp_path):
+    study = _study(tmp_path)
+    import socket
+    dead = study.ask()
+    dead.set_user_attr("worker", f"{socket.gethostname()}:999999999:1")
+    live = study.ask()
+    from edgepack.search.study import worker_id
+    live.set_user_attr("worker", worker_id())
+    remote = study.ask()
+    remote.set_user_attr("worker", "another-machine:1:1")
+    assert reap_dead_local(study) == [dead.number]
+    trials = study.get_trials()
+    assert trials[dead.number].state.name == "FAIL"
+    retry = [t for t in trials if t.state.name == "WAITING"]
+    assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == dead.number
+    assert {trials[live.number].state.name, trials[remote.number].state.name} == {"RUNNING"}
+    assert reap_dead_local(study) == []                  # once only
+
+
+def test_tradeoff_plot_and_report_section(tmp_path):
+    from edgepack import plots
+    from edgepack.report_html import _search
+    trials = [{"number": i, "state": "COMPLETE", "params": {"prune.ratio": r}, "metric": m, "metric_name": "top-1 %",
+               "latency_ms": lat, "latency_where": "host", "size_mb": s, "feasible": f, "violations": {},
+               "not_judged": [], "reason": None}
+              for i, (r, m, lat, s, f) in enumerate([(0.0, 99.0, 2.0, 1.0, True), (0.3, 98.0, 1.0, 0.6, True),
+                                                     (0.6, 90.0, 0.5, 0.3, False), (0.1, 97.0, 2.5, 0.9, True)])]
+    trials.append({"number": 4, "state": "FAIL", "params": {}, "metric": None, "latency_ms": None, "size_mb": None,
+                   "reason": "device gone"})
+    fig = plots.tradeoff_figure(trials, [0, 1], 0, "t")
+    assert fig is not None and fig.axes[0].get_xlabel().startswith("p50 latency")
+    plots.save_png(fig, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.tradeoff_figure(trials[4:], [], None, "t") is None
+    (tmp_path / "search.json").write_text(json.dumps({"study": "s", "storage": "sqlite:///x", "trials": trials,
+                                                      "pareto": [0, 1], "best": 0, "latency_note": "on host"}))
+    html = "".join(_search(tmp_path, plots))
+    assert "<h2>Search</h2>" in html and "data:image/png;base64," in html and "Pareto front (2)" in html
+    assert _search(tmp_path / "nowhere", plots) == []
