@@ -7,6 +7,8 @@
             t.advance(len(batch))
     reporter("exported to ONNX")   # a one-line message, like the `progress=` callbacks take
 
+`as_progress(x)` turns what a Python API caller passes as `progress=` (None, a plain
+`callable(str)`, or a Progress) into a Progress, so library code can always open tasks.
 On a terminal a task is a live rich bar with elapsed time and, once a total is known and some
 work is done, the time remaining. Elsewhere (logs, CI, pipes) each task prints one line when it
 starts and one when it ends, never a stream of redraws. `json_mode` prints those events as JSON
@@ -20,7 +22,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn, TextColumn,
@@ -34,6 +36,7 @@ class Task:
         self.description, self.total, self.completed = description, total, 0.0
         self.started = time.perf_counter()
         self.finished: float | None = None
+        self.failed: str | None = None  # set by fail(): the task ends as FAILED without an exception
         self._owner, self._id, self._said = owner, None, self.started
 
     @property
@@ -61,6 +64,19 @@ class Task:
         if description is not None:
             self.description = description
         self._owner._changed(self)
+
+    def say(self, message: str) -> None:
+        """What the task does now: its bar's text on a terminal, a line of its own in logs."""
+        self.description = message
+        if self._id is None:  # no bar: the message is the line, and the next timed one waits
+            self._said = time.perf_counter()
+            self._owner(message)
+        else:
+            self._owner._changed(self)
+
+    def fail(self, reason: str) -> None:
+        """End as FAILED (with `reason`) even though no exception leaves the `with` block."""
+        self.failed = reason
 
 
 class Progress:
@@ -90,7 +106,8 @@ class Progress:
             else:
                 self._console.print(f"[dim]{self._since():6.1f}s[/] {message}")
 
-    say = __call__
+    def say(self, message: str) -> None:
+        self(message)
 
     @contextmanager
     def task(self, description: str, total: float | None = None) -> Iterator[Task]:
@@ -124,6 +141,7 @@ class Progress:
                                               TimeRemainingColumn(), console=self._console, transient=False)
                     self._bars.start()
                 task._id = self._bars.add_task(task.description, total=task.total)
+                self._bars.refresh()  # drawn at once (0/N), not at the next tick: short tasks show too
                 self._open += 1
             else:
                 self(f"{task.description}" + (f" ({_num(task.total)} to do)" if task.total else "") + " ...")
@@ -152,19 +170,24 @@ class Progress:
     def _end(self, task: Task, ok: bool) -> None:
         if self.quiet:
             return
+        ok = ok and task.failed is None
         with self._lock:
             if self.json_mode:
                 self._event({"event": "end", "task": task.description, "ok": ok, "completed": task.completed,
-                             "total": task.total, "elapsed_s": round(task.elapsed, 3)})
+                             "total": task.total, "elapsed_s": round(task.elapsed, 3),
+                             **({"error": task.failed} if task.failed else {})})
             elif self._bars is not None and task._id is not None:
-                self._bars.update(task._id, completed=task.completed)
+                failed = "" if ok else f" [red]FAILED[/]{': ' + task.failed if task.failed else ''}"
+                self._bars.update(task._id, completed=task.completed, description=task.description + failed)
                 self._open -= 1
                 if self._open == 0:
                     self._bars.stop()
                     self._bars = None
             else:
                 done = f"{_num(task.completed)}/{_num(task.total)}" if task.total else _num(task.completed)
-                self(f"{task.description}: {'done' if ok else 'FAILED'} ({done}) in {task.elapsed:.1f} s")
+                count = "" if not task.total and not task.completed else f" ({done})"
+                why = f": {task.failed}" if task.failed else ""
+                self(f"{task.description}: {'done' if ok else 'FAILED' + why}{count} in {task.elapsed:.1f} s")
 
 
 class NullProgress(Progress):
@@ -172,6 +195,33 @@ class NullProgress(Progress):
 
     def __init__(self):
         super().__init__(quiet=True)
+
+
+class CallbackProgress(Progress):
+    """A Progress over a plain `callable(str)` (the Python API's `progress=`): messages go to it
+    as they are, and each task as the lines a log gets (start, every `every_s`, end)."""
+
+    def __init__(self, callback: Callable[[str], None], every_s: float = 10.0):
+        super().__init__(every_s=every_s)
+        self.callback, self.live = callback, False
+
+    def __call__(self, message: str) -> None:
+        self.callback(message)
+
+
+def as_progress(progress) -> Progress:
+    """A Progress from a `progress=` argument: None (silence), a Progress, or a plain callable(str)."""
+    if progress is None:
+        return NullProgress()
+    return progress if isinstance(progress, Progress) else CallbackProgress(progress)
+
+
+def reporter_and_events(progress) -> tuple[Progress, Callable[[dict], None] | None]:
+    """For APIs whose `progress=` took event dicts before it took a Progress (edgepack.prune): a
+    Progress gets tasks and messages (no dicts); any other callable keeps getting the dicts."""
+    if isinstance(progress, Progress):
+        return progress, None
+    return NullProgress(), progress
 
 
 def _num(v: float | None) -> str:

@@ -3,10 +3,12 @@ stderr), so scripts can pipe it; and the root `-q` silences stderr but never an 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import tomli_w
 
 from conftest import run_cli
+from conftest_devices import isolated_inventory, local_device, make_build  # noqa: F401 (autouse fixture)
 from test_report_html import synthetic_build
 
 
@@ -108,3 +110,54 @@ def test_quiet_silences_progress_but_not_errors(user_model, tmp_path):
     assert code == 2 and "not an edgepack build directory" in err
     code, _, err = run_cli(*args)  # `-q` was for that one invocation only
     assert code == 0 and "prune" in err
+
+
+def progress_events(stderr: str) -> list[dict]:
+    """With --json, progress on stderr is JSON lines too (anything else there is a note or warning)."""
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith('{"t":')]
+
+
+def test_devices_list_and_check(tmp_path):
+    local_device(tmp_path / "devs", name="json-dev")
+    for args in (["devices", "--devices-dir", str(tmp_path / "devs"), "--json"],
+                 ["devices", "list", "--devices-dir", str(tmp_path / "devs"), "--json"]):
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        listed = {d["name"]: d for d in one_document(out)}
+        assert {"local", "json-dev"} <= set(listed) and listed["json-dev"]["transport"] == "local"
+    code, out, err = run_cli("devices", "check", "json-dev", "--devices-dir", str(tmp_path / "devs"), "--json")
+    assert code == 0, err
+    report = one_document(out)
+    assert report["device"] == "json-dev" and report["ok"] is True and "onnxruntime" in report["runtimes"]
+    assert [e["event"] for e in progress_events(err)] == ["start", "end"]
+
+
+def test_deploy_and_bench(tmp_path):
+    build, devs = make_build(tmp_path / "build"), tmp_path / "devs"
+    local_device(devs, name="json-dev")
+    code, out, err = run_cli("deploy", str(build), "--device", "json-dev", "--devices-dir", str(devs), "--json")
+    assert code == 0, err
+    deployed = one_document(out)
+    assert deployed["device"] == "json-dev" and "model.fp32.onnx" in deployed["sent"]
+    events = progress_events(err)
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end" and events[-1]["ok"] is True
+    code, out, err = run_cli("bench", str(build), "--devices", "json-dev", "--devices-dir", str(devs), "--runs", "3",
+                             "--warmup", "0", "--threads", "1", "--json")
+    assert code == 0, err
+    fleet = one_document(out)
+    assert fleet["ok"] == 1 and fleet["results"][0]["device"] == "json-dev" and fleet["results"][0]["latency_ms"]["p50"] > 0
+    ends = [e for e in progress_events(err) if e["event"] == "end"]
+    assert len(ends) == 1 and ends[0]["task"].startswith("json-dev: ")  # one line per device
+
+
+def test_build(user_model, tmp_path):
+    code, out, err = run_cli("build", "--model", user_model["model"], "--weights", user_model["weights"],
+                             "--input-shape", user_model["shape"], "--calib", user_model["calib"],
+                             "--out", str(tmp_path), "--latency-runs", "5", "--no-cache", "--json")
+    assert code == 0, err
+    doc = one_document(out)
+    assert Path(doc["path"]).name == "mynet-x86" and doc["manifest"]["name"] == "mynet"
+    events = progress_events(err)
+    assert any(e["event"] == "message" and e["message"].startswith("loading ") for e in events)
+    calib = [e for e in events if e["event"] == "end" and e["task"].startswith("calibrating (MinMax")]
+    assert calib and calib[0]["ok"] and calib[0]["completed"] == calib[0]["total"] > 0

@@ -1,15 +1,13 @@
 """`edgepack build`: flags -> BuildConfig -> edgepack.build.build()."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from . import console, out
-from .progress import elapsed_printer
+from . import emit_json, out, reporter, stdout_to_stderr
 from ..errors import BudgetNotMet, EdgepackError
 
 
@@ -165,10 +163,11 @@ def register(app: typer.Typer) -> None:
             "latency_runs": latency_runs, "prune": prune_cfg, "device": device,
             "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,
         })
-        progress = elapsed_printer(quiet)
-        result = run_build(cfg, progress=progress)
+        # Libraries print on stdout (torch-pruning's MAC counter, ONNX export notes): not into the JSON.
+        with stdout_to_stderr(as_json):
+            result = run_build(cfg, progress=reporter(quiet, as_json))
         if as_json:
-            out.print_json(json.dumps({"path": str(result.path), "manifest": result.manifest.model_dump(mode="json")}))
+            emit_json({"path": str(result.path), "manifest": result.manifest.model_dump(mode="json")})
         elif not quiet:
             for t in summary_table(result):
                 out.print(t)

@@ -2,8 +2,6 @@
 edgepack.devices; nothing else lives here."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,16 +9,11 @@ import typer
 from rich.markup import escape
 
 from ..errors import EdgepackError
-from . import console, out
-from .progress import elapsed_printer
+from . import console, emit_json, out, reporter
 
 DevicesDir = typer.Option([], "--devices-dir", help="extra device directory (searched first)")
 AcceptNew = typer.Option(False, "--accept-new-host-key",
                          help="trust and remember an SSH host key seen for the first time")
-
-
-def _json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +27,7 @@ def register(app: typer.Typer) -> None:
         broken = []
         inv = load_inventory(devices_dir, broken=broken)
         if as_json:
-            _json([d.model_dump() | {"source": d.source} for d in inv.values()] +
+            emit_json([d.model_dump() | {"source": d.source} for d in inv.values()] +
                   [{"name": b.name, "source": str(b.path), "error": str(b.error)} for b in broken])
         else:
             out.print(devices_table(inv))
@@ -55,9 +48,11 @@ def register(app: typer.Typer) -> None:
     def check(name: str, devices_dir: list[Path] = DevicesDir, accept_new_host_key: bool = AcceptNew,
               as_json: bool = typer.Option(False, "--json")):
         from ..devices import DeviceError, check_device, get_device
-        report = check_device(get_device(name, devices_dir), accept_new_host_key)
+        dev = get_device(name, devices_dir)
+        with reporter(as_json=as_json).task(f"checking {dev.name} ({dev.where()})"):
+            report = check_device(dev, accept_new_host_key)
         if as_json:
-            _json(report)
+            emit_json(report)
         else:
             for k in ("device", "where", "target", "machine", "arch_expected", "python", "executable",
                       "workdir", "free_mb", "cpu_count", "runtimes", "seconds"):
@@ -75,10 +70,11 @@ def register(app: typer.Typer) -> None:
                    accept_new_host_key: bool = AcceptNew, devices_dir: list[Path] = DevicesDir,
                    as_json: bool = typer.Option(False, "--json")):
         from ..devices import deploy, get_device
-        result = deploy(build_dir, get_device(device, devices_dir), accept_new_host_key,
-                        progress=None if as_json else elapsed_printer())
+        dev = get_device(device, devices_dir)
+        with reporter(as_json=as_json).task(f"deploying to {dev.name}") as line:  # checking, uploading k/n, verifying
+            result = deploy(build_dir, dev, accept_new_host_key, progress=line.say)
         if as_json:
-            _json(result)
+            emit_json(result)
         else:
             out.print(f"deployed to {result['where']}:{result['path']}: sent {len(result['sent'])} files "
                       f"({result['bytes_sent'] / 1e6:.2f} MB), {len(result['reused'])} unchanged, "
@@ -104,7 +100,7 @@ def register(app: typer.Typer) -> None:
         from ..quality import load_metric
         if bool(device) == bool(devices):
             raise EdgepackError("pass exactly one of --device NAME or --devices all|a,b")
-        say = None if as_json else elapsed_printer()
+        say = reporter(as_json=as_json)  # a line per device
         scorer = (metric, load_metric(metric)) if metric else None
         if device:
             r = bench(build_dir, get_device(device, devices_dir), threads=threads, runs=runs, warmup=warmup,
@@ -118,7 +114,7 @@ def register(app: typer.Typer) -> None:
                                 timeout_s=timeout, retries=retries, accept_new_host_key=accept_new_host_key,
                                 dirs=devices_dir, progress=say, profile=profile, metric=scorer)
         if as_json:
-            _json(fleet)
+            emit_json(fleet)
         else:
             out.print(fleet_table(fleet))
             for r in fleet["results"]:

@@ -1,18 +1,12 @@
-"""Progress lines on stderr, the same for every command: seconds since the command started,
-then the message."""
+"""Progress on stderr, the same for every command: one edgepack.progress.Progress per command
+(`cli.reporter(quiet, as_json)`): live bars on a terminal, lines with the seconds since the
+command started in logs, JSON lines with `--json`, nothing with `-q`."""
 from __future__ import annotations
 
-import time
-from typing import Callable
-
-from . import console
+from ..progress import Progress
 
 
-def elapsed_printer(quiet: bool = False) -> Callable[[str], None]:
-    """A progress callback printing `  12.3s message` on stderr; silent when `quiet`."""
-    t0 = time.perf_counter()
-
-    def say(message: str) -> None:
-        if not quiet:
-            console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {message}", highlight=False)
-    return say
+def elapsed_printer(quiet: bool = False) -> Progress:
+    """The command's Progress (the name this helper had when it printed lines only)."""
+    from . import reporter
+    return reporter(quiet)

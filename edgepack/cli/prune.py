@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import console, emit_json, out, stdout_to_stderr
-from .progress import elapsed_printer
+from . import console, emit_json, out, reporter, stdout_to_stderr
 from ..errors import EdgepackError
 
 
@@ -74,13 +73,7 @@ def register(app: typer.Typer) -> None:
         shape = loaded.sample_specs()
         train_ds = load_dataset(train, shape, what="training data") if train else None
         eval_ds = load_dataset(eval_, shape, what="evaluation data") if eval_ else None
-        say = elapsed_printer(quiet)
-
-        def progress(info: dict) -> None:
-            detail = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in info.items() if k != "stage" and v is not None)
-            say(f"{info.get('stage', 'prune')}: {detail}")
-
+        progress = reporter(quiet, as_json)  # which step, groups k/N, fine-tuning epochs and batches
         # torch-pruning's MAC counter prints its warnings to stdout: keep them out of the JSON.
         with stdout_to_stderr(as_json):
             pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,

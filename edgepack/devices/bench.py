@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import BudgetNotMet, EdgepackError
 from ..manifest import read_manifest
+from ..progress import as_progress
 from . import evaluate as ev
 from .deploy import deployed_path, deploy_with
 from .errors import DeviceError, DeviceUnreachable
@@ -38,11 +39,20 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
     and this machine's on the same samples (evaluate.score); `metric` is (spec, function) as the
     build's --metric. Budget failures do not raise (see `raise_if_failed`); device problems raise
     DeviceError / DeviceUnreachable naming the device. redeploy=False benchmarks what is already
-    deployed on the device (the agent still refuses files that differ from their manifest)."""
+    deployed on the device (the agent still refuses files that differ from their manifest).
+    `progress` (a Progress or a callable(str)) gets one task for the device, whose text follows
+    the steps (checking, uploading k/n, benchmarking, evaluating), so a fleet shows a line each."""
     build_dir = Path(build_dir)
     device = resolve(device, dirs)
     if runs < 1 or warmup < 0:
         raise DeviceError(f"--runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
+    with as_progress(progress).task(f"{device.name}: connecting to {device.where()}") as line:
+        return _bench(build_dir, device, threads, runs, warmup, artifact, accept_new_host_key, timeout_s, profile,
+                      line.say, redeploy, metric, evaluate, also_evaluate)
+
+
+def _bench(build_dir: Path, device: Device, threads, runs, warmup, artifact, accept_new_host_key, timeout_s,
+           profile, progress, redeploy, metric, evaluate, also_evaluate) -> dict:
     manifest = read_manifest(build_dir)
     artifact = artifact or manifest.primary
     entry = _entry(build_dir, manifest, artifact)
@@ -60,9 +70,8 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
                               optional_formats={a.format for a in also})
         else:
             dep = deployed_path(t, manifest)
-        if progress:
-            progress(f"{device.name}: benchmarking {artifact} ({runs} runs, {threads} threads)"
-                     + (f", then {subset.samples} evaluation samples" if subset else ""))
+        progress(f"{device.name}: benchmarking {artifact} ({runs} runs, {threads} threads)"
+                 + (f", then {subset.samples} evaluation samples" if subset else ""))
         started = datetime.now(timezone.utc)
         argv = t.python(f"{dep['path']}/agent.py", "--manifest", f"{dep['path']}/manifest.json",
                         "--artifact", artifact, "--threads", str(threads), "--runs", str(runs),
@@ -81,8 +90,7 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
             if dep.get("runnable") is not None and a.format not in dep["runnable"]:
                 notes.append(f"{a.path} not evaluated: no {a.format} runtime on the device")
                 continue
-            if progress:
-                progress(f"{device.name}: evaluating {a.path} ({subset.samples} samples)")
+            progress(f"{device.name}: evaluating {a.path} ({subset.samples} samples)")
             argv = ev.agent_argv(t, dep, a.path, threads, ev.remote_outputs(dep, manifest, a.path), timeout_s)
             try:
                 o = _parse_agent(device, t.run(argv, timeout=grace))
@@ -92,6 +100,8 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
                 notes.append(f"{a.path} not evaluated on the device: {e.message}")
                 continue
             collected.append((a, o.pop("eval"), o, False))
+        if collected:
+            progress(f"{device.name}: fetching the outputs of {len(collected)} artifact(s)")
         fetched = [(a, info, agent, timed, None if "skipped" in info else ev.fetch(t, info))
                    for a, info, agent, timed in collected]
     result = {
@@ -113,6 +123,8 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
     path = save_result(build_dir, device.name, result)
     result["result_file"] = str(path.relative_to(build_dir))
     record(build_dir, result)
+    lat = result.get("latency_ms", {})
+    progress(f"{device.name}: p50 {lat.get('p50', float('nan')):.3f} ms, {'pass' if result['passed'] else 'FAIL'}")
     return result
 
 

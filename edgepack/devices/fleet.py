@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import EdgepackError
+from ..progress import as_progress
 from .bench import bench
 from .errors import DeviceUnreachable
 from .inventory import BrokenDeviceFile, Device, load_inventory
@@ -81,9 +82,11 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     Returns {"results": [per device, in the order given], "ok": n, "failed": n, "passed": bool,
     "disagreeing": [{device, artifact, why}: outputs not this machine's], "wall_s": s}. A success
     is the `bench()` dict plus ok=True; a failure is {ok: False, device,
-    error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried."""
+    error, attempts}. Only DeviceUnreachable (connection/timeouts) is retried. `progress` (a
+    Progress or a callable(str)) shows one line per device, each following its device's steps."""
     broken: list[BrokenDeviceFile] = []
     selected = select_devices(devices, dirs, broken)
+    progress = as_progress(progress)  # one reporter (and lock) for every lane
     kwargs = dict(threads=threads, runs=runs, warmup=warmup, artifact=artifact, timeout_s=timeout_s,
                   accept_new_host_key=accept_new_host_key, progress=progress, profile=profile, metric=metric)
     # Local-transport devices (this machine, emulators on it) share its CPUs: benchmarked at the
@@ -92,6 +95,8 @@ def bench_fleet(build_dir: Path | str, devices: str | list[str | Device] = "all"
     local = [i for i, d in enumerate(selected) if d.transport == "local"]
     lanes = ([local] if local else []) + [[i] for i, d in enumerate(selected) if d.transport != "local"]
     results: list[dict | None] = [None] * len(selected)
+    progress(f"benchmarking on {len(selected)} device(s), {len(lanes)} at a time"
+             + (f" ({len(local)} on this machine take turns)" if len(local) > 1 else ""))
 
     def run_lane(lane: list[int]) -> None:
         for i in lane:

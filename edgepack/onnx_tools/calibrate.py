@@ -10,10 +10,17 @@ batch is folded into per-tensor state and dropped, and the result is the `Tensor
 the stock calibrators': MinMax keeps running minima and maxima; the histogram methods take two
 passes, the first for each tensor's exact extremes, so the second can bin every batch on the grid
 ORT would have built from all the data at once and sum the counts.
+
+Progress: `calibrate(progress=...)` counts batches in a task (two passes for the histogram
+methods); callers that cannot pass it through (`onnx_tools.quantize.calibration_ranges`) wrap
+the call in `reporting(progress)` instead.
 """
 from __future__ import annotations
 
+import math
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +33,22 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from ..data import Dataset
 from ..errors import EdgepackError
+from ..progress import as_progress
 
 BUDGET_MB = 64  # one batch of intermediate outputs; the session and numpy's copy come on top
 MAX_BATCH = 32  # past this, bigger batches buy no speed on CPU
 LIVE_TENSORS = 4
+_REPORTING: ContextVar = ContextVar("edgepack_calibration_progress", default=None)
+
+
+@contextmanager
+def reporting(progress):
+    """Calibrations run inside report their batches to `progress` (a Progress or a callable(str))."""
+    token = _REPORTING.set(progress)
+    try:
+        yield
+    finally:
+        _REPORTING.reset(token)
 
 
 class DatasetReader(CalibrationDataReader):
@@ -42,6 +61,7 @@ class DatasetReader(CalibrationDataReader):
         self.names, self.dtypes, self.data = names, dtypes, data
         self.batch_size, self.batchable = batch_size, batchable
         self.indices = None if indices is None else np.sort(np.asarray(indices, np.int64))
+        self.on_batch = None  # called after each feed is handed out (a progress task's advance)
         self.rewind()
 
     def __len__(self) -> int:
@@ -51,6 +71,8 @@ class DatasetReader(CalibrationDataReader):
         arrays = next(self._it, None)
         if arrays is None:
             return None
+        if self.on_batch is not None:
+            self.on_batch()
         return {n: np.asarray(a, dtype=d) for n, d, a in zip(self.names, self.dtypes, arrays)}
 
     def rewind(self):
@@ -280,13 +302,15 @@ def quantizable_op_types() -> list[str]:
 def calibrate(model_path: Path, data: Dataset, method: str = "MinMax", *, indices: np.ndarray | None = None,
               symmetric: bool = False, percentile: float = 99.999, num_bins: int | None = None,
               num_quantized_bins: int = 128, op_types: list[str] | None = None,
-              budget_mb: float = BUDGET_MB) -> TensorsData:
+              budget_mb: float = BUDGET_MB, progress=None) -> TensorsData:
     """Per-tensor ranges of `model_path` (ideally preprocessed) over `data` (rows `indices`),
     computed as ORT's `create_calibrator(...)` + `collect_data` + `compute_data` would with the
     same options (`symmetric` is quantize_static's CalibTensorRangeSymmetric, `percentile` its
     CalibPercentile; bins default to ORT's: 128 for Entropy, 2048 for Percentile), in memory
-    bounded by one batch of intermediate tensors."""
+    bounded by one batch of intermediate tensors. `progress` (or the one `reporting` set) gets a
+    task counting the batches."""
     op_types = quantizable_op_types() if op_types is None else op_types
+    bars = as_progress(progress if progress is not None else _REPORTING.get())
     with tempfile.TemporaryDirectory(prefix="edgepack-calib-") as tmp:
         aug = str(Path(tmp) / "augmented.onnx")
         if method == "MinMax":
@@ -306,7 +330,13 @@ def calibrate(model_path: Path, data: Dataset, method: str = "MinMax", *, indice
         reader.rewind()
         cal.augment_graph()
         cal.create_inference_session()
-        cal.collect_data(reader)
+        passes = 1 if method == "MinMax" else 2  # the histogram methods read the data twice
+        feeds = math.ceil(len(reader) / reader.batch_size) if reader.batchable else len(reader)
+        size = reader.batch_size if reader.batchable else 1
+        with bars.task(f"calibrating ({method}, {len(reader)} samples in batches of {size}"
+                       + (", two passes" if passes == 2 else "") + ")", total=passes * feeds) as bar:
+            reader.on_batch = bar.advance
+            cal.collect_data(reader)
         ranges = cal.compute_data()
         del cal
     return ranges

@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import EdgepackError
+from ..progress import reporter_and_events
 from .config import PruneConfig
 from .graph import GroupUndo, exact_reshapes, out_layers, reaches_output
 from .guard import ResourceGuard, ResourceLimit, rss_mb
@@ -35,6 +36,8 @@ HINT = ("pass --prune-ignore LAYER (edgepack prune: --ignore-layer LAYER) to kee
 PROGRESS_SECONDS = 1.0  # at most one progress report per interval while groups are pruned
 MAX_BATCH = 16  # groups checked against one masked reference (the batch doubles while they pass)
 
+# progress=: an edgepack.progress.Progress (tasks: which step, groups k/N), or a callable taking
+# event dicts ({"stage", "step", "group", "groups", "layer", "rss_mb"}).
 Progress = Callable[[dict], None]
 
 
@@ -87,7 +90,7 @@ class ChannelPruner:
         self.model, self.cfg, self.ratio = model, cfg, ratio
         self.example_inputs = _tuple(example_inputs)
         self.round_to = cfg.round_to or round_to
-        self.progress, self.guard = progress, guard
+        (self.bars, self.progress), self.guard = reporter_and_events(progress), guard
         self.steps_done, self.checked_groups, self.unchecked_groups = 0, 0, 0
         self.protected: list[dict] = []
         self._last_report = 0.0
@@ -115,6 +118,7 @@ class ChannelPruner:
         if self.guard is not None:
             self.guard.step = text
         if report:
+            self.bars(f"pruning: {text}")
             self._report(text)
 
     def _report(self, text: str, **info) -> None:
@@ -177,21 +181,24 @@ class ChannelPruner:
         roots = [(g[0].dep.target.module, g[0].dep.handler, [int(i) for i in tp._helpers.to_plain_idxs(g[0].idxs)])
                  for g in self.pruner.step(interactive=True)]
         done, size = 0, 1
-        while done < len(roots):
-            batch = roots[done:done + size]
-            layer = names.get(batch[0][0], type(batch[0][0]).__name__)
-            what = f"pruning the channel group of layer {layer!r}" + (f" and {len(batch) - 1} more" if size > 1 else "")
-            self._step(f"{what} ({where})", report=False)  # reported when done (throttled)
-            if len(batch) > 1 and self._prune_batch(batch, names):
-                done, size = done + len(batch), min(2 * size, MAX_BATCH)
-            else:
-                module, handler, idxs = batch[0]
-                group = self.dg.get_pruning_group(module, handler, idxs)
-                problem = self._prune_group(group, names)
-                if problem:
-                    self._protect(group, names, problem)
-                done, size = done + 1, (1 if len(batch) > 1 else 2)
-            self._report(f"{what} ({where})", group=done, groups=len(roots), layer=layer)
+        with self.bars.task(f"pruning channel groups ({where})", total=len(roots)) as bar:
+            while done < len(roots):
+                batch = roots[done:done + size]
+                layer = names.get(batch[0][0], type(batch[0][0]).__name__)
+                what = f"pruning the channel group of layer {layer!r}" + (
+                    f" and {len(batch) - 1} more" if size > 1 else "")
+                self._step(f"{what} ({where})", report=False)  # reported when done (throttled)
+                if len(batch) > 1 and self._prune_batch(batch, names):
+                    done, size = done + len(batch), min(2 * size, MAX_BATCH)
+                else:
+                    module, handler, idxs = batch[0]
+                    group = self.dg.get_pruning_group(module, handler, idxs)
+                    problem = self._prune_group(group, names)
+                    if problem:
+                        self._protect(group, names, problem)
+                    done, size = done + 1, (1 if len(batch) > 1 else 2)
+                bar.update(completed=done, description=f"pruning channel groups ({where}): {layer}")
+                self._report(f"{what} ({where})", group=done, groups=len(roots), layer=layer)
         self.model.zero_grad(set_to_none=True)
 
     def _prune_batch(self, roots: list, names: dict) -> bool:
@@ -342,6 +349,7 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
     example_inputs = _tuple(example_inputs)
     requested = {"ratio": cfg.ratio} if ratio is None else {"ratio": ratio}
     if ratio is None and cfg.macs_target is not None:
+        from .latency import ratio_for_macs  # latency.py imports this module
         ratio = ratio_for_macs(model, example_inputs, cfg, cfg.macs_target, round_to, progress)
         requested = {"macs_target": cfg.macs_target}
     ratio = cfg.ratio if ratio is None else ratio
@@ -391,30 +399,3 @@ def _taylor_batches(train, cfg: PruneConfig):
         if len(batches) == cfg.taylor_batches:
             break
     return batches
-
-
-def ratio_for_macs(model: nn.Module, example_inputs, cfg: PruneConfig, keep_fraction: float,
-                   round_to: int | None = None, progress: Progress | None = None,
-                   iterations: int = 10) -> float:
-    """Smallest channel ratio whose pruned model keeps at most `keep_fraction` of the MACs
-    (bisection: MACs fall monotonically with the ratio up to rounding)."""
-    one_shot = cfg.model_copy(update={"iterative_steps": 1, "importance":
-                                      "l2" if cfg.importance == "taylor" else cfg.importance})
-    macs0, _ = count_macs_params(model, _tuple(example_inputs))
-
-    def kept(r: float) -> float:
-        pruned, record = prune_model(model, example_inputs, one_shot, ratio=r, round_to=round_to)
-        if progress is not None:
-            progress({"stage": "MACs search", "ratio": round(r, 4), "macs_kept": round(record.macs_after / macs0, 4)})
-        return record.macs_after / macs0
-
-    lo, hi = 0.0, cfg.max_ratio
-    at_max = kept(hi)
-    if at_max > keep_fraction:
-        raise EdgepackError(
-            f"cannot reach {keep_fraction:.0%} of the original MACs: at the maximum ratio {hi} the "
-            f"model keeps {at_max:.1%}", "raise macs_target, or allow more layers to be pruned")
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if kept(mid) <= keep_fraction else (mid, hi)
-    return hi

@@ -11,6 +11,8 @@ of class names, else the first whose C can hold every label; without labels, a m
 (N, C) output. Labels that are not
 class ids (regression targets, masks) only enter a metric of the caller's, not this loss.
 The schedule is bounded by epochs and wall-clock minutes; the best epoch on the eval set is kept.
+`progress=`: an edgepack.progress.Progress (a task per epoch, batches k/N, the loss and eval
+figure in its text), or a callable taking one dict per epoch.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..progress import reporter_and_events
 from .config import FinetuneConfig
 from .measure import flat_tensors
 
@@ -124,10 +127,11 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module |
 
 def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
-             deadline: float | None = None) -> dict:
+             deadline: float | None = None, label: str = "fine-tuning") -> dict:
     """Fine-tune `student` in place; returns a JSON-able summary (also when skipped, with the
     reason in `warnings`). `deadline` (time.monotonic() value) caps this run in addition to
-    cfg.max_minutes, so iterative pruning can share one time budget."""
+    cfg.max_minutes, so iterative pruning can share one time budget. `label` names the
+    progress tasks ("fine-tuning epoch 2/5")."""
     distill = cfg.distill and teacher is not None
     summary = {"distill": distill, "epochs_run": 0, "seconds": 0.0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": None, "eval_acc_after": None, "best_epoch": None, "stopped": None,
@@ -141,18 +145,20 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary)
+        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary, label)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadline, distill: bool,
-           summary: dict) -> dict:
+           summary: dict, label: str) -> dict:
     start = time.monotonic()
+    bars, events = reporter_and_events(progress)
     if cfg.max_minutes is not None:
         deadline = min(deadline or math.inf, start + 60 * cfg.max_minutes)
     torch.manual_seed(cfg.seed)
-    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    batches = math.ceil(len(train) / cfg.batch_size)
+    steps = cfg.epochs * batches
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     if teacher is not None:
@@ -162,42 +168,20 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
     # The teacher is frozen and the training inputs do not change between epochs: its outputs are
     # computed once, so a distillation epoch costs what a plain one does (it took ~1.7x without).
+    if distill:
+        bars(f"{label}: running the teacher once over the {len(train)} training samples")
     cached = _teacher_outputs(teacher, train, cfg.batch_size) if distill else None
     objective = _objective(student, train)
-    class_ids = has_class_ids(train)
 
     for epoch in range(1, cfg.epochs + 1):
-        student.train()
-        losses = []
-        for j in train.batch_indices(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            if len(j) < 2:
-                continue  # BatchNorm cannot train on a single sample
-            xs = to_tensors(input_arrays(train, j))
-            labels = torch.from_numpy(train.y[j]) if class_ids else None
-            outputs = flat_tensors(student(*xs))
-            soft = None
-            if distill:
-                if cached is not None:
-                    soft = [t[torch.from_numpy(j)] for t in cached]
-                else:
-                    with torch.no_grad():
-                        soft = flat_tensors(teacher(*xs))
-            loss = objective.loss(outputs, soft, labels, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if deadline is not None and time.monotonic() > deadline:
-                summary["stopped"] = "time limit"
-                break
-        acc = evaluate(student, eval, cfg.batch_size, teacher)
+        with bars.task(f"{label} epoch {epoch}/{cfg.epochs}", total=batches) as bar:
+            acc = _epoch(student, teacher, train, eval, cfg, epoch, opt, sched, objective, cached, deadline, summary,
+                         bar)
         summary["epochs_run"] = epoch
-        summary["train_loss"].append(float(np.mean(losses)) if losses else None)
         summary["eval_acc"].append(acc)
-        if progress is not None:
-            progress({"epoch": epoch, "epochs": cfg.epochs, "loss": summary["train_loss"][-1],
-                      "eval_acc": acc, "seconds": time.monotonic() - start})
+        if events is not None:
+            events({"epoch": epoch, "epochs": cfg.epochs, "loss": summary["train_loss"][-1],
+                    "eval_acc": acc, "seconds": time.monotonic() - start})
         if acc is None or best is None or acc > best:
             best, best_state, best_epoch, stale = acc, copy.deepcopy(student.state_dict()), epoch, 0
         else:
@@ -212,6 +196,47 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     student.eval()
     summary.update(best_epoch=best_epoch, eval_acc_after=best, seconds=round(time.monotonic() - start, 2))
     return summary
+
+
+def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, sched, objective, cached,
+           deadline, summary: dict, bar) -> float | None:
+    """One epoch over `train` (`bar` counts its batches, with the running loss), then the eval figure."""
+    student.train()
+    class_ids, title = has_class_ids(train), bar.description
+    losses, running = [], 0.0
+    for k, j in enumerate(train.batch_indices(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch), 1):
+        if len(j) < 2:
+            bar.update(completed=k)
+            continue  # BatchNorm cannot train on a single sample
+        xs = to_tensors(input_arrays(train, j))
+        labels = torch.from_numpy(train.y[j]) if class_ids else None
+        outputs = flat_tensors(student(*xs))
+        soft = None
+        if cached is not None:
+            soft = [t[torch.from_numpy(j)] for t in cached]
+        elif summary["distill"]:
+            with torch.no_grad():
+                soft = flat_tensors(teacher(*xs))
+        loss = objective.loss(outputs, soft, labels, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        running += losses[-1]
+        bar.update(completed=k, description=f"{title}, loss {running / len(losses):.4g}")
+        if deadline is not None and time.monotonic() > deadline:
+            summary["stopped"] = "time limit"
+            break
+    summary["train_loss"].append(float(np.mean(losses)) if losses else None)
+    bar.update(description=f"{bar.description}, evaluating")
+    acc = evaluate(student, eval, cfg.batch_size, teacher)
+    bar.update(description=f"{title}, loss {_num(summary['train_loss'][-1])}, eval {_num(acc)}")
+    return acc
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 CACHE_LIMIT_BYTES = 512 * 2**20  # dense outputs (segmentation maps) would not fit: run the teacher per batch

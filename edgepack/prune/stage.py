@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..progress import reporter_and_events
 from .config import PruneConfig
 from .engine import _tuple, prune_model
 from .finetune import evaluate, finetune, has_class_ids
@@ -15,6 +16,8 @@ from .latency import search_latency_ratio
 from .measure import count_macs_params, flat_tensors
 from .record import PruneRecord
 
+# progress=: an edgepack.progress.Progress (tasks and messages), or a callable taking event dicts
+# ({"stage": "prune" | "fine-tune" | "latency search" | "MACs search", ...}).
 Progress = Callable[[dict], None]
 
 
@@ -57,6 +60,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
     start = time.monotonic()
     deadline = start + 60 * ft.max_minutes if ft.max_minutes else None
     summaries: list[dict] = []
+    bars, events = reporter_and_events(progress)
     acc_before = evaluate(model, eval, ft.batch_size, teacher)
 
     def tune(step: int, student: nn.Module) -> None:
@@ -64,14 +68,15 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         if epochs == 0 and step < steps - 1:
             return  # fewer epochs than steps: the last step gets them all
         step_cfg = ft.model_copy(update={"epochs": epochs, "max_minutes": None})
-        report = None if progress is None else (lambda info: progress({"stage": "fine-tune", "step": step + 1,
-                                                                        "steps": steps, **info}))
-        summary = finetune(student, teacher, train, eval, step_cfg, report, deadline)
+        report = bars if events is None else (lambda info: events({"stage": "fine-tune", "step": step + 1,
+                                                                    "steps": steps, **info}))
+        label = "fine-tuning" + (f" (step {step + 1}/{steps})" if steps > 1 else "")
+        summary = finetune(student, teacher, train, eval, step_cfg, report, deadline, label=label)
         summaries.append({"step": step + 1, **summary})
 
-    if progress is not None:
+    if events is not None:
         goal = ratio if ratio is not None else cfg.ratio
-        progress({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
+        events({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
     pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=train,
                                  between_steps=tune, progress=progress)
     acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None

@@ -37,7 +37,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     others = [a.path for a in m.artifacts if a.precision == "int8" and a.path != m.primary]
     # The deploy stage has just sent and verified this build (the agent checks every file again):
     # deploying once more would only repeat the device probe, half a minute under emulation.
-    r = bench(ctx.path, device, threads=cfg.threads, progress=ctx.say, accept_new_host_key=cfg.accept_new_host_key,
+    r = bench(ctx.path, device, threads=cfg.threads, progress=ctx.progress, accept_new_host_key=cfg.accept_new_host_key,
               dirs=ctx.cfg.devices_dir or None, runs=cfg.runs, metric=ctx.metric, also_evaluate=others,
               redeploy=False)
     ctx.device_results.append(r)

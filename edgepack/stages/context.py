@@ -3,6 +3,10 @@
 Every stage module has `NAME`, a typed `Config`, `config(ctx) -> Config | None` (None: the stage
 does not apply to this build) and `run(ctx, config) -> dict`, the record that lands in
 `manifest.json` under `stages[NAME]`. The pipeline runs them in order.
+
+Stages report through `ctx.say(message)` for one line and `with ctx.progress.task(what, total) as t:
+... t.advance()` for long loops (an edgepack.progress.Progress: live bars on a terminal, lines in
+logs, nothing when quiet).
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ from ..cache import StageCache
 from ..config import BuildConfig
 from ..data import Dataset
 from ..manifest import Artifact, Manifest, TensorSpec
+from ..progress import Progress as Reporter, as_progress
 from ..targets import TargetProfile
 
+# What a build may be given to report to: an edgepack.progress.Progress, or any plain
+# callable(str) (the Python API's `progress=`), which BuildContext wraps so `.task()` exists.
 Progress = Callable[[str], None]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
                 "int32": torch.int32, "bool": torch.bool}
@@ -111,6 +118,14 @@ class BuildContext:
     manifest: Manifest | None = None
     reused: list[str] = field(default_factory=list)  # stages whose results came from the cache
     versions: dict[str, str] = field(default_factory=dict)  # library versions: part of every cache key
+
+    def __post_init__(self):
+        self.say = as_progress(self.say)  # a plain callable (or None) gets tasks too
+
+    @property
+    def progress(self) -> Reporter:
+        """Where long loops report: `with ctx.progress.task("calibrating", total=n) as t`."""
+        return self.say
 
     def restore(self, stage: str, key: str) -> dict | None:
         """A cached stage result: its files copied into the build, its record; None on a miss."""

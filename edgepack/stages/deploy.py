@@ -37,5 +37,5 @@ def resolve_device(ctx: BuildContext):
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
     device = ctx.device
-    ctx.say(f"deploying to {device.name}")
-    return deploy(ctx.path, device, accept_new_host_key=cfg.accept_new_host_key, progress=ctx.say)
+    with ctx.progress.task(f"deploying to {device.name}") as line:  # one line: checking, uploading k/n, verifying
+        return deploy(ctx.path, device, accept_new_host_key=cfg.accept_new_host_key, progress=line.say)

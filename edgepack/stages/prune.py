@@ -42,19 +42,11 @@ def run(ctx: BuildContext, pcfg) -> dict:
     train, choose = ctx.data.train, ctx.data.choose
     if train is None:
         say("warning: no --train data: pruning without fine-tuning, accuracy will drop")
-
-    def progress(info: dict) -> None:
-        stage = info.get("stage", "prune")
-        head = [f"step {info['step']}"] if "step" in info else []  # which step, first; layer repeats it
-        detail = ", ".join(head + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in info.items() if k not in ("stage", "step", "layer") and v is not None])
-        say(f"  {stage}: {detail}")
-
     goal = "the latency budget" if pcfg.to_latency else (f"ratio {pcfg.ratio}" if pcfg.ratio else f"MACs {pcfg.macs_target}")
     say(f"pruning channels to {goal} ({pcfg.importance} importance, round to {pcfg.round_to or profile.simd_width})")
     try:
         module, record = run_prune_stage(loaded.module, loaded.example_inputs(), pcfg, profile,
-                                         train=train, eval=choose, progress=progress)
+                                         train=train, eval=choose, progress=ctx.progress)
     except UnprunableModel as e:
         if not ctx.cfg.prune.get("allow_unpruned"):
             raise EdgepackError(f"{e.message} (pass --allow-unpruned to build the unpruned model instead)", e.hint) from e
@@ -63,7 +55,13 @@ def run(ctx: BuildContext, pcfg) -> dict:
         return {"skipped": e.message}
     if record is None:
         return {"skipped": "no pruning goal"}
-    say(f"pruned: MACs {record.macs_before:,} -> {record.macs_after:,} ({record.macs_reduction:.2f}x fewer)")
+    acc = record.accuracy or {}
+    tuned = f"; {acc['metric']} {_pct(acc.get('before'))} -> {_pct(acc.get('finetuned'))}" if acc.get("metric") else ""
+    say(f"pruned: MACs {record.macs_before:,} -> {record.macs_after:,} ({record.macs_reduction:.2f}x fewer){tuned}")
     ctx.model = replace(loaded, module=module.eval())
     ctx.sections[NAME] = record.markdown()
     return {**record.to_dict(), "early_stop_on": f"{len(choose)} choosing samples"}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"

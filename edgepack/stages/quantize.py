@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from ..data import Dataset
 from ..devices.deploy import cpu_probe
+from ..onnx_tools.calibrate import reporting
 from ..onnx_tools.quantize import calibration_ranges, node_sensitivity, preprocess, quantize_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
@@ -64,7 +65,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
             ctx.say(f"warning: {cfg.choice['warning']}")
         pre = preprocess(fp32, ctx.work / ".pre.onnx")
         try:
-            ranges = calibration_ranges(pre, d.calib, q)  # once: they do not depend on the nodes left float
+            with reporting(ctx.progress):  # calibration_ranges has no progress= of its own: a task per batch
+                ranges = calibration_ranges(pre, d.calib, q)  # once: they do not depend on the nodes left float
             record = quantize_onnx(fp32, int8, d.calib, q, ctx.profile.threads, preprocessed=pre, ranges=ranges)
             if cfg.fallback:
                 fallback = _fallback(ctx, cfg, fp32, pre, int8, ranges)

@@ -86,12 +86,14 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
 def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     m, module = ctx.model, FlatOutputs(ctx.model.module).eval()
     tflite.require_litert_torch()
-    ctx.say(f"converting to TFLite fp32 with litert-torch ({cfg.layout})")
     names = {"input_names": m.input_names, "output_names": m.outputs}
-    rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout, **names)
-    ctx.say(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)")
-    rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout, num_calib=len(calib),
-                               **names)
+    # Each conversion runs in a child process that reports nothing back while it works: a task
+    # without a total (elapsed time only). No task is open around the forked parts below.
+    with ctx.progress.task(f"converting to TFLite fp32 with litert-torch ({cfg.layout})"):
+        rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout, **names)
+    with ctx.progress.task(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)"):
+        rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout,
+                                   num_calib=len(calib), **names)
     keep = KEEP
     stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
              "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
