@@ -18,6 +18,7 @@ from .cache import StageCache
 from .config import BuildConfig
 from .manifest import Manifest
 from .outdir import replace_dir, staging_dir, writable_dir
+from .progress import as_progress
 from .stages import bench, deploy, export, judge, load, prune, quantize, tflite, validate, write
 from .stages.context import BuildContext, Progress
 from .targets import TargetProfile, load_profile
@@ -61,7 +62,7 @@ def build(cfg: BuildConfig | None = None, progress: Progress | None = None, **ov
     if overrides:  # validated like a config file, so budgets={"size_mb": 5} works too
         cfg = BuildConfig.model_validate({**(cfg or BuildConfig()).model_dump(exclude_unset=True), **overrides})
     cfg = cfg or BuildConfig()
-    say = progress or (lambda msg: None)
+    say = as_progress(progress)  # None: silent; a plain callable(str) or a Progress (tasks, bars)
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": example.MODEL_SPEC, "weights": str(example.WEIGHTS),
                                      "calib": cfg.calib or example.CALIB_SPEC, "eval": cfg.eval or example.EVAL_SPEC,
