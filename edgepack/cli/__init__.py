@@ -32,7 +32,8 @@ COMMAND_MODULES.insert(COMMAND_MODULES.index("build") + 1, "search")  # edgepack
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks on errors"),
+def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks on errors, and the log lines "
+                                      "native libraries print (absl, XNNPACK, oneDNN)"),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or notes on stderr (errors still show)")):
     if debug:
         os.environ["EDGEPACK_DEBUG"] = "1"
