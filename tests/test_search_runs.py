@@ -14,6 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from edgepack.search.study import driver_url
+
 EDGEPACK = str(Path(sys.executable).with_name("edgepack"))
 # Cheap trials: no pruning fine-tune, few timed runs, small evaluation split; two int8 settings.
 CONFIG = """
@@ -42,7 +44,7 @@ def _trials(url: str, study: str):
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return []  # the search has not made its database yet (opening it here would make it)
     try:
-        return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=study, storage=driver_url(url)).get_trials(deepcopy=False)
     except KeyError:  # the study is not created yet
         return []
 

@@ -17,6 +17,7 @@ gives way (FAIL, reason "surplus"), so the count is exact.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import socket
 import time
@@ -41,8 +42,19 @@ def optuna():
     return _optuna
 
 
+def driver_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; with only psycopg2 installed (the
+    `postgres` extra), name that driver instead."""
+    scheme, sep, rest = url.partition("://")
+    if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2{sep}{rest}"
+    return url
+
+
 def open_storage(url: str, heartbeat_s: int, grace_s: int, max_retry: int):
     opt = optuna()
+    url = driver_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 120}}  # several worker processes write the one file
