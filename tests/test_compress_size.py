@@ -1,0 +1,41 @@
+"""edgepack.compress.size: the compressed size reported beside the raw size."""
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+
+from edgepack.compress.size import compressed_bytes, compressed_sizes, deflate_len, zstd_bytes
+
+
+def test_compressed_bytes_is_the_size_of_the_zip_entry(tmp_path):
+    rng = np.random.default_rng(0)
+    # 3 MiB: crosses the 1 MiB streaming chunks; half noise, half a repeated pattern
+    data = rng.integers(0, 256, 3 << 19, dtype=np.uint8).tobytes() + bytes(range(16)) * (3 << 15)
+    path = tmp_path / "model.bin"
+    path.write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "a.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(path, "model.bin")
+    with zipfile.ZipFile(tmp_path / "a.zip") as z:
+        entry = z.getinfo("model.bin")
+    assert compressed_bytes(path) == entry.compress_size
+    assert deflate_len(data) == entry.compress_size
+    assert len(data) // 2 < compressed_bytes(path) < len(data)  # the noise half does not compress
+
+
+def test_compressed_sizes_record(tmp_path):
+    path = tmp_path / "zeros.bin"
+    path.write_bytes(bytes(100_000))
+    sizes = compressed_sizes(path)
+    assert sizes["raw_bytes"] == 100_000
+    assert sizes["deflate_bytes"] < 200
+    assert sizes["ratio"] == round(100_000 / sizes["deflate_bytes"], 3)
+    z = zstd_bytes(path)  # optional: None without the zstandard package
+    assert sizes["zstd_bytes"] == z and (z is None or 0 < z < 200)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    assert compressed_bytes(path) == deflate_len(b"") > 0
+    assert compressed_sizes(path)["raw_bytes"] == 0
