@@ -83,7 +83,7 @@ def factorize(module: nn.Module, example_inputs, energy: float | None = None, ma
     blocks), capped at the layer's full rank. skip: module names (and everything under them)
     left alone. form: "auto" picks per layer the form with fewer MACs; "channel" or "spatial" forces
     it on kxk convs (1x1 convs are always channel splits). only_if_cheaper=False factorizes even where that adds MACs (full-rank checks)."""
-    _check_options(energy, macs_target, min_rank, rank_multiple, allocation, ranks, form)
+    check_options(energy, macs_target, min_rank, rank_multiple, allocation, ranks, form)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     macs_before, params_before = count_macs_params(module, inputs)
     skipped: list[dict] = []
@@ -143,7 +143,7 @@ def factorize(module: nn.Module, example_inputs, energy: float | None = None, ma
     return new, record
 
 
-def _check_options(energy, macs_target, min_rank, rank_multiple, allocation, ranks, form) -> None:
+def check_options(energy, macs_target, min_rank, rank_multiple, allocation, ranks, form) -> None:
     hint = "e.g. energy = 0.9 keeps 90% of each layer's singular-value energy; macs_target = 0.5 halves the MACs"
     if energy is not None and macs_target is not None:
         raise EdgepackError("low-rank: give energy or macs_target, not both", hint)

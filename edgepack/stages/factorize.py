@@ -1,0 +1,159 @@
+"""Stage `factorize`: low-rank factorization (edgepack.compress.lowrank) after pruning, then
+distillation fine-tuning from the model as it came in; the build goes on with the smaller model.
+
+On when the config has a [compress.lowrank] table (BuildConfig.compress = {"lowrank": {...}}).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..compress.lowrank import check_options, factorize
+from ..errors import EdgepackError
+from ..prune.config import FinetuneConfig
+from ..prune.finetune import evaluate, finetune, has_class_ids
+from .context import BuildContext
+
+NAME = "factorize"
+MAX_ROWS = 24  # per-layer rows in report.md; manifest.json has them all
+# Shorthands at the table's top level that belong to the fine-tuning schedule (as [prune] has).
+_FINETUNE_KEYS = ("epochs", "distill", "lr", "temperature", "alpha", "max_minutes", "patience", "seed")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    energy: float | None = Field(None, description="fraction of each layer's singular-value energy kept, (0, 1]")
+    macs_target: float | None = Field(None, description="fraction of the model's MACs kept, (0, 1)")
+    allocation: Literal["energy_per_mac", "global_energy"] = "energy_per_mac"
+    form: Literal["auto", "channel", "spatial"] = "auto"
+    min_rank: int = Field(1, ge=1)
+    rank_multiple: int | None = Field(None, ge=1, description="ranks are multiples of this; default: the "
+                                      "target's simd_width")
+    skip: list[str] = []
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+def make_config(options: dict, simd_width: int) -> Config:
+    opts = dict(options)
+    finetune_opts = dict(opts.pop("finetune", {}) or {})
+    for key in _FINETUNE_KEYS:
+        if key in opts:
+            finetune_opts[key] = opts.pop(key)
+    try:
+        cfg = Config.model_validate({**opts, "finetune": finetune_opts})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "lowrank"
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc}: {msg}")
+        raise EdgepackError("invalid [compress.lowrank] options:\n" + "\n".join(lines),
+                            "keys: energy | macs_target, allocation, form, min_rank, rank_multiple, skip, "
+                            "epochs, distill, max_minutes, [compress.lowrank.finetune]") from e
+    if cfg.rank_multiple is None:
+        cfg.rank_multiple = simd_width
+    try:
+        check_options(cfg.energy, cfg.macs_target, cfg.min_rank, cfg.rank_multiple, cfg.allocation, None, cfg.form)
+    except EdgepackError as e:
+        raise EdgepackError(f"[compress.lowrank] {e.message.removeprefix('low-rank: ')}", e.hint) from e
+    return cfg
+
+
+def config(ctx: BuildContext) -> Config | None:
+    options = (ctx.cfg.compress or {}).get("lowrank")
+    if options is None:
+        return None
+    if ctx.model.kind != "torch":
+        raise EdgepackError("low-rank factorization needs the PyTorch model; the input is an ONNX file",
+                            "build from the PyTorch model (--model file.py:factory --weights ...), or drop "
+                            "[compress.lowrank]")
+    return make_config(options, ctx.profile.simd_width)
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    loaded, say = ctx.model, ctx.say
+    train, choose = ctx.data.train, ctx.data.choose
+    goal = f"energy {cfg.energy}" if cfg.energy is not None else f"MACs target {cfg.macs_target} ({cfg.allocation})"
+    say(f"factorizing by truncated SVD to {goal}, ranks in multiples of {cfg.rank_multiple}")
+    start = time.monotonic()
+    teacher = copy.deepcopy(loaded.module).eval()
+    module, record = factorize(loaded.module, loaded.example_inputs(), energy=cfg.energy, macs_target=cfg.macs_target,
+                               min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple, skip=cfg.skip,
+                               allocation=cfg.allocation, form=cfg.form)
+    record["warnings"] = []
+    if not record["layers"]:
+        record["warnings"].append("no layer was factorized (every candidate was skipped: see `skipped`)")
+        say("warning: low-rank factorized no layer")
+    ft = cfg.finetune
+    accuracy = {"metric": _metric(choose), "before": evaluate(teacher, choose, ft.batch_size, teacher),
+                "factorized": evaluate(module, choose, ft.batch_size, teacher)}
+    summary = None
+    if record["layers"]:
+        if train is None:
+            say("warning: no --train data: factorizing without fine-tuning, accuracy will drop")
+        summary = finetune(module, teacher, train, choose, ft,
+                           lambda info: say(f"  fine-tune: epoch {info['epoch']}/{info['epochs']}, loss "
+                                            f"{info['loss']:.4g}, eval {info['eval_acc']}"))
+        record["warnings"] += summary.pop("warnings")
+    accuracy["finetuned"] = evaluate(module, choose, ft.batch_size, teacher)
+    accuracy["seconds"] = round(time.monotonic() - start, 2)
+    record.update(finetune=summary, finetune_config=ft.model_dump(), accuracy=accuracy,
+                  early_stop_on=f"{len(choose)} choosing samples")
+    say(f"factorized {len(record['layers'])} layer(s): MACs {record['macs_before']:,} -> {record['macs_after']:,} "
+        f"({record['macs_reduction']:.2f}x fewer), params {record['params_reduction']:.2f}x fewer")
+    ctx.model = replace(loaded, module=module.eval())
+    ctx.sections[NAME] = markdown(record)
+    return record
+
+
+def _metric(data) -> str | None:
+    if data is None:
+        return None
+    if has_class_ids(data):
+        return "top-1 accuracy"
+    return "top-1 agreement with the unfactorized model" if data.y is None else None
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def markdown(record: dict) -> str:
+    goal = ", ".join(f"{k}={v}" for k, v in record["requested"].items())
+    acc = record["accuracy"]
+    lines = ["## Low-rank factorization", "",
+             f"Truncated SVD ({goal}{', ' + record['allocation'] if record.get('allocation') else ''}), ranks in "
+             f"multiples of {record['rank_multiple']}: {len(record['layers'])} layer(s) factorized, "
+             f"{len(record['skipped'])} skipped.", "",
+             "| | before | after | change |", "|---|---:|---:|---:|",
+             f"| MACs | {record['macs_before']:,} | {record['macs_after']:,} | {record['macs_reduction']:.2f}x fewer |",
+             f"| params | {record['params_before']:,} | {record['params_after']:,} | "
+             f"{record['params_reduction']:.2f}x fewer |", ""]
+    if acc.get("metric"):
+        tuned = record.get("finetune") or {}
+        lines += [f"{acc['metric']} on the choosing samples: {_pct(acc['before'])} before, {_pct(acc['factorized'])} "
+                  f"factorized, {_pct(acc['finetuned'])} after fine-tuning"
+                  + (f" ({tuned.get('epochs_run')} epoch(s), {'distillation' if tuned.get('distill') else 'labels'})"
+                     if tuned else " (not fine-tuned)") + ".", ""]
+    if record["layers"]:
+        lines += ["| layer | form | weight | rank | MACs before | MACs after | energy kept |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for layer in record["layers"][:MAX_ROWS]:
+            lines.append(f"| `{layer['name']}` | {layer['form']} | {'x'.join(map(str, layer['shape']))} | "
+                         f"{layer['rank']}/{layer['full_rank']} | {layer['macs_before']:,} | {layer['macs_after']:,} | "
+                         f"{layer['energy_kept']:.3f} |")
+        if len(record["layers"]) > MAX_ROWS:
+            lines.append(f"| ... {len(record['layers']) - MAX_ROWS} more in manifest.json | | | | | | |")
+        lines.append("")
+    if record["skipped"]:
+        lines += ["Skipped: " + "; ".join(f"`{s['name']}` ({s['reason']})" for s in record["skipped"][:MAX_ROWS])
+                  + (f"; ... {len(record['skipped']) - MAX_ROWS} more" if len(record["skipped"]) > MAX_ROWS else "")
+                  + ".", ""]
+    for w in record.get("warnings", []):
+        lines += [f"Warning: {w}", ""]
+    return "\n".join(lines)
