@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from typing import IO, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, ProgressColumn, SpinnerColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 
 class Task:
@@ -137,8 +138,9 @@ class Progress:
             elif self.live:
                 if self._bars is None:
                     self._bars = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                              MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                              TimeRemainingColumn(), console=self._console, transient=False)
+                                              _IfTotal(MofNCompleteColumn()), TimeElapsedColumn(),
+                                              _IfTotal(TextColumn("eta")), _IfTotal(TimeRemainingColumn()),
+                                              console=self._console, transient=False)
                     self._bars.start()
                 task._id = self._bars.add_task(task.description, total=task.total)
                 self._bars.refresh()  # drawn at once (0/N), not at the next tick: short tasks show too
@@ -222,6 +224,18 @@ def reporter_and_events(progress) -> tuple[Progress, Callable[[dict], None] | No
     if isinstance(progress, Progress):
         return progress, None
     return NullProgress(), progress
+
+
+class _IfTotal(ProgressColumn):
+    """A column shown only for tasks with a total: a conversion with no count to report shows
+    its spinner and elapsed time, not "0/?" and an empty estimate."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task):
+        return self.column(task) if task.total is not None else Text("")
 
 
 def _num(v: float | None) -> str:

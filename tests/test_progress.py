@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from edgepack import progress as progress_mod
-from edgepack.progress import NullProgress, Progress
+from edgepack.progress import CallbackProgress, NullProgress, Progress, as_progress, reporter_and_events
 
 
 @pytest.fixture
@@ -124,3 +124,43 @@ def test_threads_advance_one_task():
         for w in workers:
             w.join()
     assert t.completed == 1000
+
+
+def test_plain_callables_get_tasks_as_lines(clock):
+    """The Python API's progress=print (or any callable(str)) gets tasks as the lines logs get."""
+    said = []
+    p = as_progress(said.append)
+    assert isinstance(p, CallbackProgress) and as_progress(p) is p and isinstance(as_progress(None), NullProgress)
+    p("loading")
+    with p.task("deploying to pi") as t:
+        clock[0] += 1
+        t.say("pi: uploading model.int8.onnx [1/2]")
+        t.fail("the disk is full")
+    assert said == ["loading", "deploying to pi ...", "pi: uploading model.int8.onnx [1/2]",
+                    "pi: uploading model.int8.onnx [1/2]: FAILED: the disk is full in 1.0 s"]
+
+
+def test_reporter_and_events_keep_dict_callbacks_apart():
+    events = []
+    bars, got = reporter_and_events(events.append)
+    assert isinstance(bars, NullProgress) and got == events.append  # dicts stay dicts
+    p = Progress(file=io.StringIO())
+    assert reporter_and_events(p) == (p, None)
+
+
+def test_a_task_without_total_shows_no_count_on_a_terminal():
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            p = Progress(file=tty)
+            with p.task("converting to TFLite int8") as t:
+                t.say("converting to TFLite int8, still")
+            tty.flush()
+        text = b""
+        while select.select([master], [], [], 0.2)[0]:
+            text += os.read(master, 1 << 16)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = text.decode(errors="replace")
+    assert "converting to TFLite int8, still" in text and "0/?" not in text and "eta" not in text

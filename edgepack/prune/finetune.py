@@ -231,12 +231,10 @@ def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, 
     summary["train_loss"].append(float(np.mean(losses)) if losses else None)
     bar.update(description=f"{bar.description}, evaluating")
     acc = evaluate(student, eval, cfg.batch_size, teacher)
-    bar.update(description=f"{title}, loss {_num(summary['train_loss'][-1])}, eval {_num(acc)}")
+    loss = summary["train_loss"][-1]
+    bar.update(description=f"{title}, loss {'-' if loss is None else f'{loss:.4g}'}, "
+                           f"eval {'-' if acc is None else f'{100 * acc:.1f}%'}")
     return acc
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.4g}"
 
 
 CACHE_LIMIT_BYTES = 512 * 2**20  # dense outputs (segmentation maps) would not fit: run the teacher per batch
