@@ -21,7 +21,7 @@ from ..targets import normalize_arch
 from . import results as res
 from . import space as sp
 from .config import SearchConfig, default_study, is_sqlite, redact, search_dir, storage_url, STUDY_DB
-from .study import make_sampler, open_storage, open_study
+from .study import open_storage, open_study
 
 Say = Callable[[str], None]
 
@@ -69,6 +69,8 @@ def search(build_cfg: BuildConfig, scfg: SearchConfig, progress: Say | None = No
     spec = {"build": build_cfg.model_dump(mode="json"), "search": scfg.model_dump(mode="json"), "study": study_name,
             "url": url, "space": space, "meta": meta, "search_dir": str(sdir), "seed": scfg.seed}
     notes: list[str] = []
+    # Made (or joined) here first: a space that does not match the study fails before any worker starts.
+    open_study(study_name, open_storage(url, scfg.heartbeat_s, scfg.grace_s, scfg.max_retry), None, meta)
     if len(devices) <= 1:
         from .worker import run_worker
         run_worker({**spec, "device": devices[0] if devices else None}, say)

@@ -61,9 +61,15 @@ def open_storage(url: str, heartbeat_s: int, grace_s: int, max_retry: int):
     else:
         engine = {"pool_pre_ping": True}
     try:
-        return opt.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            heartbeat_stale_trial_callback=opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        for attempt in range(3):
+            try:
+                return opt.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                    heartbeat_stale_trial_callback=opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+            except Exception as e:  # two workers making a new database's tables at once: the loser retries
+                if attempt == 2 or "already exists" not in str(e):
+                    raise
+                time.sleep(1 + attempt)
     except ImportError as e:
         driver = "psycopg2-binary" if "postgres" in url else "PyMySQL" if "mysql" in url else e.name
         raise MissingExtra(f"the storage {url.split(':', 1)[0]} needs a database driver: {e}",
