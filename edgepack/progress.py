@@ -158,6 +158,8 @@ class Progress:
             now = time.perf_counter()
             if now - task._said < self.every_s:  # logs get a line every `every_s`, not every advance
                 return
+            if task.total and task.completed >= task.total:
+                return  # all done: the end line says so
             task._said = now
             left = task.remaining
             if self.json_mode:

@@ -47,8 +47,11 @@ def bench(build_dir: Path | str, device: Device | str, threads: int | None = Non
     if runs < 1 or warmup < 0:
         raise DeviceError(f"--runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
     with as_progress(progress).task(f"{device.name}: connecting to {device.where()}") as line:
-        return _bench(build_dir, device, threads, runs, warmup, artifact, accept_new_host_key, timeout_s, profile,
-                      line.say, redeploy, metric, evaluate, also_evaluate)
+        result = _bench(build_dir, device, threads, runs, warmup, artifact, accept_new_host_key, timeout_s, profile,
+                        line.say, redeploy, metric, evaluate, also_evaluate)
+        p50 = result.get("latency_ms", {}).get("p50", float("nan"))
+        line.update(description=f"{device.name}: p50 {p50:.3f} ms, {'pass' if result['passed'] else 'FAIL'}")
+    return result
 
 
 def _bench(build_dir: Path, device: Device, threads, runs, warmup, artifact, accept_new_host_key, timeout_s,
@@ -123,8 +126,6 @@ def _bench(build_dir: Path, device: Device, threads, runs, warmup, artifact, acc
     path = save_result(build_dir, device.name, result)
     result["result_file"] = str(path.relative_to(build_dir))
     record(build_dir, result)
-    lat = result.get("latency_ms", {})
-    progress(f"{device.name}: p50 {lat.get('p50', float('nan')):.3f} ms, {'pass' if result['passed'] else 'FAIL'}")
     return result
 
 
