@@ -143,3 +143,23 @@ def test_tradeoff_plot_and_report_section(tmp_path):
     html = "".join(_search(tmp_path, plots))
     assert "<h2>Search</h2>" in html and "data:image/png;base64," in html and "Pareto front (2)" in html
     assert _search(tmp_path / "nowhere", plots) == []
+
+
+def test_devices_are_checked_before_any_trial(tmp_path):
+    from edgepack.search.run import resolve_devices
+    (tmp_path / "pi.toml").write_text('name = "pi"\ntarget = "rpi"\ntransport = "local"\n')
+    (tmp_path / "box.toml").write_text('name = "box"\ntarget = "x86"\ntransport = "local"\n')
+    cfg = BuildConfig(target="x86", devices_dir=[str(tmp_path)])
+    assert "box" in resolve_devices(["all"], cfg, "x86", "x86_64") and "pi" not in resolve_devices(["all"], cfg, "x86", "x86_64")
+    with pytest.raises(EdgepackError, match="device pi is aarch64"):
+        resolve_devices(["pi"], cfg, "x86", "x86_64")
+    with pytest.raises(EdgepackError, match="no device of the mobile kind"):
+        resolve_devices(["all"], cfg, "mobile", "aarch64")
+    assert resolve_devices([], cfg.model_copy(update={"device": "box"}), "x86", "x86_64") == ["box"]
+    assert resolve_devices([], cfg, "x86", "x86_64") == []
+
+
+def test_an_onnx_model_has_no_pruning_dimensions():
+    cfg = BuildConfig(target="rpi", model="model.onnx")
+    space = sp.resolve_space({}, resolve_profile(cfg), cfg)
+    assert not [k for k in space if k.startswith("prune.")] and "runtime" not in space

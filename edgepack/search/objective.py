@@ -104,7 +104,7 @@ def figures_of(result, profile: TargetProfile) -> dict:
         if timed:
             name, value = _quality(timed["device"])
             if value is not None:
-                metric_name, metric = f"{name} on {r['device']}", value
+                metric_name, metric = f"{name} on the device", value
         sources += [(r["device"], v) for v in r.get("verdicts") or []]
     violations, constraints, judged, limited = {}, {}, set(), set()
     for src, v in sources:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,7 +60,9 @@ def search(build_cfg: BuildConfig, scfg: SearchConfig, progress: Say | None = No
     sdir = search_dir(scfg.out, study_name).resolve()
     sdir.mkdir(parents=True, exist_ok=True)
     url = storage_url(scfg.model_copy(update={"out": str(Path(scfg.out).resolve())}), study_name)
-    sp.apply(build_cfg, profile, sp.first_values(space), sdir / "trials" / "check", scfg.trial_minutes, None)
+    check = sdir / "trials" / ".check"  # the space applied once, so a bad key fails before any trial
+    sp.apply(build_cfg, profile, sp.first_values(space), check, scfg.trial_minutes, None)
+    shutil.rmtree(check, ignore_errors=True)
     devices = resolve_devices(scfg.devices, build_cfg, profile.name, profile.arch)
     note = latency_note(devices, profile.arch, build_cfg)
     say(f"study {study_name} in {redact(url)}: {scfg.trials} trials, {scfg.sampler} sampler, "
@@ -92,11 +95,14 @@ def resolve_devices(names: list[str], cfg: BuildConfig, target: str, arch: str) 
                                 "add one under devices/ (see devices/ssh-example.toml.example), or search on this "
                                 "host without --devices")
         return sorted(picked)
-    if names:
-        for n in names:
-            get_device(n, cfg.devices_dir or None, cfg.targets_dir or None)  # unknown names fail now
-        return list(dict.fromkeys(names))
-    return [cfg.device] if cfg.device else []
+    names = list(dict.fromkeys(names)) or ([cfg.device] if cfg.device else [])
+    for n in names:  # unknown names and devices of another architecture fail now, not in every trial
+        device = get_device(n, cfg.devices_dir or None, cfg.targets_dir or None)
+        if device.profile().arch != arch:
+            raise EdgepackError(f"device {n} is {device.profile().arch} (target {device.target!r}) but the search "
+                                f"is for {target!r} ({arch})", f"search with --target {device.target}, or pick a "
+                                f"device of the {target} kind")
+    return names
 
 
 def latency_note(devices: list[str], target_arch: str, cfg: BuildConfig) -> str:
