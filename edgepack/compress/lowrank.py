@@ -39,6 +39,10 @@ FormName = Literal["auto", "channel", "spatial"]
 FORMS = ("auto", "channel", "spatial")
 
 
+class TargetOutOfReach(EdgepackError):
+    """macs_target cannot be met at this rank multiple (a smaller multiple may meet it)."""
+
+
 @dataclass
 class Form:
     """One way to factorize a layer: its singular values and what each unit of rank costs."""
@@ -104,7 +108,7 @@ def factorize(module: nn.Module, example_inputs, energy: float | None = None, ma
         if solution is None:
             floor = fixed + sum(_cost(c) if c.choice else min(c.macs, _min_cost(c, min_rank, rank_multiple))
                                 for c in candidates)
-            raise EdgepackError(
+            raise TargetOutOfReach(
                 f"low-rank: macs_target {macs_target} is out of reach: factorizing every layer at the lowest "
                 f"rank keeps {floor / macs_before:.3f} of the MACs ({fixed / macs_before:.3f} is in layers that "
                 "cannot be factorized)", "raise macs_target, lower min_rank, or prune channels first")
@@ -141,6 +145,23 @@ def factorize(module: nn.Module, example_inputs, energy: float | None = None, ma
               "params_reduction": round(params_before / max(1, params_after), 4),
               "layers": layers, "skipped": skipped}
     return new, record
+
+
+def factorize_rounded(module: nn.Module, example_inputs, rank_multiple: int, **options) -> tuple[nn.Module, dict]:
+    """factorize with ranks in multiples of `rank_multiple` (the target's SIMD width), halving the
+    multiple while a macs_target is out of reach at it (small layers have few multiples of 16)."""
+    tried = []
+    while True:
+        try:
+            new, record = factorize(module, example_inputs, rank_multiple=rank_multiple, **options)
+        except TargetOutOfReach:
+            tried.append(rank_multiple)
+            if rank_multiple == 1:
+                raise
+            rank_multiple = max(1, rank_multiple // 2)
+            continue
+        record["rank_multiples_out_of_reach"] = tried
+        return new, record
 
 
 def check_options(energy, macs_target, min_rank, rank_multiple, allocation, ranks, form) -> None:

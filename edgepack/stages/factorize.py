@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..compress.lowrank import check_options, factorize
+from ..compress.lowrank import check_options, factorize, factorize_rounded
 from ..errors import EdgepackError
 from ..prune.config import FinetuneConfig
 from ..prune.finetune import evaluate, finetune, has_class_ids
@@ -33,7 +33,7 @@ class Config(BaseModel):
     form: Literal["auto", "channel", "spatial"] = "auto"
     min_rank: int = Field(1, ge=1)
     rank_multiple: int | None = Field(None, ge=1, description="ranks are multiples of this; default: the "
-                                      "target's simd_width")
+                                      "target's simd_width, halved while a macs_target is out of reach")
     skip: list[str] = []
     finetune: FinetuneConfig = FinetuneConfig()
 
@@ -55,10 +55,9 @@ def make_config(options: dict, simd_width: int) -> Config:
         raise EdgepackError("invalid [compress.lowrank] options:\n" + "\n".join(lines),
                             "keys: energy | macs_target, allocation, form, min_rank, rank_multiple, skip, "
                             "epochs, distill, max_minutes, [compress.lowrank.finetune]") from e
-    if cfg.rank_multiple is None:
-        cfg.rank_multiple = simd_width
     try:
-        check_options(cfg.energy, cfg.macs_target, cfg.min_rank, cfg.rank_multiple, cfg.allocation, None, cfg.form)
+        check_options(cfg.energy, cfg.macs_target, cfg.min_rank, cfg.rank_multiple or simd_width, cfg.allocation,
+                      None, cfg.form)
     except EdgepackError as e:
         raise EdgepackError(f"[compress.lowrank] {e.message.removeprefix('low-rank: ')}", e.hint) from e
     return cfg
@@ -79,12 +78,16 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     loaded, say = ctx.model, ctx.say
     train, choose = ctx.data.train, ctx.data.choose
     goal = f"energy {cfg.energy}" if cfg.energy is not None else f"MACs target {cfg.macs_target} ({cfg.allocation})"
-    say(f"factorizing by truncated SVD to {goal}, ranks in multiples of {cfg.rank_multiple}")
+    multiple = cfg.rank_multiple or ctx.profile.simd_width
+    say(f"factorizing by truncated SVD to {goal}, ranks in multiples of {multiple}")
     start = time.monotonic()
     teacher = copy.deepcopy(loaded.module).eval()
-    module, record = factorize(loaded.module, loaded.example_inputs(), energy=cfg.energy, macs_target=cfg.macs_target,
-                               min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple, skip=cfg.skip,
-                               allocation=cfg.allocation, form=cfg.form)
+    options = dict(energy=cfg.energy, macs_target=cfg.macs_target, min_rank=cfg.min_rank, skip=cfg.skip,
+                   allocation=cfg.allocation, form=cfg.form)
+    if cfg.rank_multiple is None:  # the target's SIMD width, or the largest power-of-two fraction of it that fits
+        module, record = factorize_rounded(loaded.module, loaded.example_inputs(), multiple, **options)
+    else:
+        module, record = factorize(loaded.module, loaded.example_inputs(), rank_multiple=multiple, **options)
     record["warnings"] = []
     if not record["layers"]:
         record["warnings"].append("no layer was factorized (every candidate was skipped: see `skipped`)")
