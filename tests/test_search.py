@@ -163,3 +163,16 @@ def test_an_onnx_model_has_no_pruning_dimensions():
     cfg = BuildConfig(target="rpi", model="model.onnx")
     space = sp.resolve_space({}, resolve_profile(cfg), cfg)
     assert not [k for k in space if k.startswith("prune.")] and "runtime" not in space
+
+
+@pytest.mark.parametrize("kind", ["tpe", "nsga2", "random"])
+def test_samplers_take_the_constraints(tmp_path, kind):
+    from edgepack.search.study import DIRECTIONS, make_sampler
+    study = optuna.create_study(directions=DIRECTIONS, sampler=make_sampler(kind, 0, 8))
+
+    def objective(trial):
+        r = trial.suggest_float("prune.ratio", 0.0, 0.6, step=0.1)
+        trial.set_constraint("latency_p50_ms", (1.0 - r) - 0.7)  # feasible only when r >= 0.3
+        return 99.0 - 10 * r * r, 1.0 - r, 1.0 - r / 2
+    study.optimize(objective, n_trials=8)
+    assert study.best_trials and all(t.params["prune.ratio"] >= 0.3 - 1e-9 for t in study.best_trials)
