@@ -27,7 +27,7 @@ from ._quiet import quiet_native
 from .convert import _named
 from .inspect import inspect_tflite, read_io
 from .validate import _cast, _to_layout, run_tflite
-from .sensitivity import graph_ops, module_of, pair_tensors, rank_ops
+from .sensitivity import CONVERSION_OPS, MOVEMENT_OPS, graph_ops, module_of, pair_tensors, rank_ops
 
 SCHEME = ("ai-edge-quantizer static: per-channel symmetric int8 weights, per-tensor int8 "
           "activations (ranges taken from the int8 artifact where its tensors match, else min/max "
@@ -252,13 +252,26 @@ def quantize_tflite(fp32_tflite: Path, out: Path, calib_arrays, layout: str = "N
                          output_names).quantize(out, float_ops)
 
 
+# Ops that only move or pad values carry their input's int8 grid: a tensor kept off that grid
+# must stay off it through them, up to the ops that compute with it. PyTorch's stride-2 convs
+# with padding=1 (every MobileNet's downsampling depthwise conv) become PAD + DEPTHWISE_CONV_2D
+# in TFLite: floating the conv and the PAD alone left the depthwise conv reading the outlier grid.
+PASS_THROUGH = MOVEMENT_OPS - CONVERSION_OPS - {"SHAPE", "CAST"}
+
+
 def _group(entry: dict, graph: dict) -> list[int]:
     """An op and, when its loss is its output's int8 grid, the ops that read that output (see
-    sensitivity's docstring): float consumers are what keeps the tensor off the grid."""
+    sensitivity's docstring), through data movement (PASS_THROUGH) to the ops computing with it:
+    float consumers are what keeps the tensor off the grid."""
     idx = [entry["index"]]
     if entry.get("output_limited"):
-        for t in graph["ops"][entry["index"]]["outputs"]:
-            idx += graph["consumers"].get(t, [])
+        todo = list(graph["ops"][entry["index"]]["outputs"])
+        while todo:
+            for c in graph["consumers"].get(todo.pop(0), []):
+                if c not in idx:
+                    idx.append(c)
+                    if graph["ops"][c]["op"] in PASS_THROUGH:
+                        todo += graph["ops"][c]["outputs"]
     return idx
 
 
