@@ -1,0 +1,344 @@
+"""Weight clustering (weight sharing): each Conv/Linear layer's weights take at most k values.
+
+`cluster` runs a 1-D k-means over a layer's weight values (per layer, or per output channel)
+and replaces every weight by its centroid. `clusters_kept` then makes the centroids the trainable
+parameters for fine-tuning: the weight is gathered from them on every forward (a
+torch.nn.utils.parametrize parametrization), so the assignment cannot drift and each layer
+still holds at most k values afterwards; leaving the context strips the parametrization, so
+export sees plain weights.
+
+Choices, and why:
+- Initialisation is linear by default (k centroids evenly spaced between the layer's smallest and
+  largest weight; TFMOT's LINEAR option). Han et al. (Deep Compression, 2016) found it the most
+  accurate of random, density-based and linear: the rare large weights keep centroids of their
+  own. It also pins the extremes, so per-channel int8 scales (max |w| / 127) land on the same
+  codebook in most channels and the int8 file compresses better. It is deterministic;
+  `init="kmeans++"` (seeded) is the alternative.
+- Per layer by default: one codebook per layer is what makes the int8 bytes repeat (a channel's
+  int8 values are its centroids over its largest one); `per_channel=True` gives each output
+  channel its own k centroids (closer weights, a file that compresses less).
+- The centroid gradient is the mean of its members' gradients, not their sum: the sum (the
+  exact gradient of a shared parameter) is thousands of times a weight's gradient for a big
+  cluster, so the learning rate fine-tuning uses for weights would throw centroids about. The
+  mean moves a centroid like one weight; it is a positive rescaling of the true gradient.
+- int8: ONNX Runtime's per-channel weight quantization maps each value of a channel through one
+  function (round(w / scale)), so k float values give at most k int8 values per channel (values
+  can merge, never split); BatchNorm folding at export scales a channel by one factor, which keeps
+  that. `int8_distinct_per_channel` checks the artifact.
+"""
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import EdgepackError
+
+MAX_CLUSTERS = 256  # int8 holds 256 values: more clusters could not share anything
+INITS = ("linear", "kmeans++")
+KMEANS_ITERS = 50
+
+
+@dataclass
+class LayerClusters:
+    name: str
+    weights: int
+    clusters: int  # centroids in use (<= k: empty clusters are dropped)
+    distinct: int  # distinct weight values after clustering: per layer (per channel when scaled)
+    rel_error: float  # ||w - centroid(w)|| / ||w||
+
+
+@dataclass
+class ClusterRecord:
+    clusters: int
+    per_channel: bool
+    init: str
+    scaled: bool = False
+    layers: list[LayerClusters] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
+    # name -> (centroids, index, scale or None): what `attach` trains; not part of the JSON
+    codebooks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def clustered_weights(self) -> int:
+        return sum(layer.weights for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"clusters": self.clusters, "per_channel": self.per_channel, "scaled": self.scaled, "init": self.init,
+                "clustered_layers": len(self.layers), "clustered_weights": self.clustered_weights,
+                "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
+
+
+def clusterable_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Conv (any dimension, transposed too) and Linear layers with a weight, by qualified name."""
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+def out_axis(layer: nn.Module) -> int:
+    """The output-channel axis of a layer's weight (ConvTranspose stores (in, out/groups, ...))."""
+    return 1 if getattr(layer, "transposed", False) else 0
+
+
+def check_clusters(clusters) -> int:
+    if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or not 2 <= clusters <= MAX_CLUSTERS:
+        raise EdgepackError(f"clusters must be a whole number from 2 to {MAX_CLUSTERS}, not {clusters!r}",
+                            "16 is the usual choice (4 bits of information per weight); int8 cannot hold more than 256")
+    return int(clusters)
+
+
+def kmeans_1d(values: torch.Tensor, k: int, init: str = "linear", seed: int = 0,
+              iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on scalars: (centroids (m,), assignment like `values`), m <= k centroids in
+    use, ascending. Values with at most k distinct entries get exactly those as centroids."""
+    x = values.detach().reshape(-1).double()
+    unique, inverse = torch.unique(x, return_inverse=True)
+    if len(unique) <= k:
+        return unique.to(values.dtype), inverse.reshape(values.shape)
+    c = _init(x, k, init, seed)
+    # On sorted values a cluster is a contiguous run: each step is k binary searches and prefix sums.
+    xs = x.sort().values
+    prefix = torch.cat([torch.zeros(1, dtype=x.dtype), xs.cumsum(0)])
+    n = torch.tensor([len(xs)])
+    for _ in range(iters):
+        ends = torch.cat([torch.searchsorted(xs, (c[1:] + c[:-1]) / 2, right=True), n])
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
+        counts = ends - starts
+        new = torch.where(counts > 0, (prefix[ends] - prefix[starts]) / counts.clamp(min=1), c).sort().values
+        if torch.equal(new, c):
+            break
+        c = new
+    a = torch.bucketize(x, (c[1:] + c[:-1]) / 2)
+    used = torch.unique(a)  # drop empty clusters; renumber densely
+    remap = torch.full((k,), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    centroids = torch.zeros(len(used), dtype=x.dtype).index_add_(0, remap[a], x) / torch.bincount(remap[a])
+    return centroids.to(values.dtype), remap[a].reshape(values.shape)
+
+
+def _init(x: torch.Tensor, k: int, init: str, seed: int) -> torch.Tensor:
+    if init == "linear":
+        return torch.linspace(float(x.min()), float(x.max()), k, dtype=x.dtype)
+    rng = np.random.default_rng(seed)  # k-means++ (Arthur & Vassilvitskii) on at most 20k values
+    sample = x.numpy() if len(x) <= 20_000 else x.numpy()[rng.choice(len(x), 20_000, replace=False)]
+    centers = [sample[rng.integers(len(sample))]]
+    d2 = (sample - centers[0]) ** 2
+    for _ in range(k - 1):
+        total = d2.sum()
+        nxt = sample[rng.choice(len(sample), p=d2 / total)] if total > 0 else sample[rng.integers(len(sample))]
+        centers.append(nxt)
+        d2 = np.minimum(d2, (sample - nxt) ** 2)
+    return torch.from_numpy(np.sort(np.asarray(centers, dtype=np.float64)))
+
+
+def _layer_codebook(weight: torch.Tensor, k: int, per_channel: bool, axis: int, init: str,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids (k_total,), flat index into them shaped like weight)."""
+    if not per_channel:
+        return kmeans_1d(weight, k, init, seed)
+    w = weight.detach().movedim(axis, 0)
+    books, index, offset = [], torch.empty(w.shape, dtype=torch.long), 0
+    for ch in range(w.shape[0]):
+        c, a = kmeans_1d(w[ch], k, init, seed + ch)
+        books.append(c)
+        index[ch] = a + offset
+        offset += len(c)
+    return torch.cat(books), index.movedim(0, axis).contiguous()
+
+
+def channel_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """max |w| per output channel, shaped to broadcast against the weight (all-zero channels: 1)."""
+    m = weight.detach().abs().movedim(axis, 0).reshape(weight.shape[axis], -1).amax(1)
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return torch.where(m > 0, m, torch.ones_like(m)).reshape(shape)
+
+
+def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: int):
+    """One codebook in [-1, 1] for w / max|w| of its channel, with -1 and +1 kept as centroids:
+    every channel's largest |value| is then exactly its scale, so per-channel int8 codes are
+    round(127 * c) in every channel, one shared set of at most k codes per layer."""
+    scale = channel_max(weight, axis)
+    u = (weight.detach() / scale).clamp(-1, 1)
+    inner = u[(u > -1) & (u < 1)]
+    c = kmeans_1d(inner, k - 2, init, seed)[0] if inner.numel() else u.new_zeros(0)
+    centroids = torch.cat([u.new_tensor([-1.0]), c, u.new_tensor([1.0])]).unique()
+    index = torch.bucketize(u.reshape(-1).double(), ((centroids[1:] + centroids[:-1]) / 2).double())
+    return centroids, index.reshape(u.shape), scale
+
+
+def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = False, init: str = "linear",
+            seed: int = 0, scaled: bool = False) -> tuple[nn.Module, ClusterRecord]:
+    """Cluster every Conv/Linear weight of `module` in place (see the module docstring); returns
+    (module, record). `skip` holds layer names or fnmatch patterns left as they are. Layers with
+    fewer weights than `clusters` are skipped, with the reason in the record. `scaled`: one
+    codebook per layer times each output channel's max |w| (at most k values per channel, and
+    the same k int8 codes in every channel: the int8 file compresses best)."""
+    k = check_clusters(clusters)
+    if scaled and per_channel:
+        raise EdgepackError("cluster: `scaled` and `per_channel` exclude each other",
+                            "scaled shares one codebook across channels; per_channel gives each its own")
+    if init not in INITS:
+        raise EdgepackError(f"cluster init must be one of {', '.join(INITS)}, not {init!r}")
+    layers = clusterable_layers(module)
+    if not layers:
+        raise EdgepackError("the model has no Conv or Linear layer to cluster",
+                            "weight clustering shares the weights of nn.Conv*d and nn.Linear layers only")
+    skip = list(skip or ())
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+    if unmatched:
+        raise EdgepackError(f"cluster skip {', '.join(map(repr, unmatched))} names no Conv/Linear layer of the model",
+                            f"layer names look like {', '.join(list(layers)[:4])}")
+    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled)
+    seen: dict[int, str] = {}
+    for name, layer in layers.items():
+        weight = layer.weight
+        reason = None
+        if any(fnmatch.fnmatchcase(name, p) for p in skip):
+            reason = "skipped by the configuration"
+        elif id(weight) in seen:
+            reason = f"shares its weight with {seen[id(weight)]} (clustered there)"
+        elif weight.numel() < k:
+            reason = f"too small: {weight.numel()} weights, fewer than {k} clusters"
+        elif parametrize.is_parametrized(layer, "weight"):
+            reason = "its weight is already parametrized"
+        seen.setdefault(id(weight), name)
+        if reason:
+            record.skipped.append({"layer": name, "reason": reason})
+            continue
+        if scaled:
+            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed)
+            new = (centroids[index] * scale).to(weight.dtype)
+        else:
+            centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed)
+            new, scale = centroids[index].to(weight.dtype), None
+        record.codebooks[name] = (centroids.to(weight.dtype), index, scale)
+        err = float((weight.detach() - new).norm() / weight.detach().norm().clamp(min=1e-30))
+        with torch.no_grad():
+            weight.copy_(new)
+        distinct = distinct_per_channel(new.movedim(out_axis(layer), 0).reshape(new.shape[out_axis(layer)], -1).numpy()) \
+            if scaled else int(torch.unique(new).numel())
+        record.layers.append(LayerClusters(name, weight.numel(), len(centroids), distinct, round(err, 5)))
+    return module, record
+
+
+class _GatherMeanGrad(torch.autograd.Function):
+    """centroids[index] forward; backward gives each centroid the mean gradient of its members."""
+
+    @staticmethod
+    def forward(ctx, centroids, index, counts):
+        ctx.save_for_backward(index, counts)
+        return centroids[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, counts = ctx.saved_tensors
+        total = torch.zeros(counts.shape, dtype=grad.dtype).index_add_(0, index.reshape(-1), grad.reshape(-1))
+        return total / counts, None, None
+
+
+class ClusteredWeight(nn.Module):
+    """Parametrization: the weight is centroids[index] (times the channel's scale when scaled);
+    the centroids are what trains. Scaled: -1 and +1 stay fixed and the others stay inside them,
+    so each channel's max |w| remains its scale (and its int8 codes the shared ones)."""
+
+    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.scaled = scale is not None
+        self.centroids = nn.Parameter(centroids.detach().clone())
+        self.register_buffer("index", index.clone())
+        self.register_buffer("scale", scale.clone() if self.scaled else torch.ones((), dtype=centroids.dtype))
+        counts = torch.bincount(index.reshape(-1), minlength=len(centroids)).clamp(min=1)  # unused ones: no 0/0
+        self.register_buffer("counts", counts.to(centroids.dtype))
+        ends = torch.zeros(len(centroids), dtype=torch.bool)
+        if self.scaled:
+            ends[[0, -1]] = True
+        self.register_buffer("fixed", ends)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:  # `original` is ignored: it no longer trains
+        c = self.centroids
+        if self.scaled:
+            c = torch.where(self.fixed, c.detach(), c.clamp(-1, 1))
+        return _GatherMeanGrad.apply(c, self.index, self.counts) * self.scale
+
+
+def attach(module: nn.Module, record: ClusterRecord) -> list[str]:
+    """Parametrize every clustered layer of `record` with its codebook (`record.codebooks`; for a
+    record read back from JSON, the layer's current distinct values)."""
+    layers = clusterable_layers(module)
+    names = []
+    for entry in record.layers:
+        layer = layers[entry.name]
+        book = record.codebooks.get(entry.name)
+        if book is None:
+            if record.scaled:
+                raise EdgepackError(f"cluster: no codebook for the scaled layer {entry.name}")
+            book = (*torch.unique(layer.weight.detach(), return_inverse=True), None)
+        parametrize.register_parametrization(layer, "weight", ClusteredWeight(*book), unsafe=True)
+        layer.parametrizations.weight.original.requires_grad_(False)
+        names.append(entry.name)
+    return names
+
+
+def strip(module: nn.Module) -> None:
+    """Remove the clustering parametrizations, leaving plain weights (the gathered values)."""
+    for _, layer in module.named_modules():
+        if parametrize.is_parametrized(layer, "weight") and any(
+                isinstance(p, ClusteredWeight) for p in layer.parametrizations.weight):
+            with torch.no_grad():
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+            layer.weight.requires_grad_(True)
+
+
+@contextmanager
+def clusters_kept(module: nn.Module, record: ClusterRecord):
+    """`with clusters_kept(model, record): finetune(model, ...)`: the assignment holds while
+    fine-tuning; on exit the weights are plain tensors again."""
+    attach(module, record)
+    try:
+        yield module
+    finally:
+        strip(module)
+
+
+def distinct_values(module: nn.Module, names=None) -> dict[str, int]:
+    """Distinct weight values per layer (all clusterable layers, or those named)."""
+    layers = clusterable_layers(module)
+    return {n: int(torch.unique(layers[n].weight.detach()).numel()) for n in (names or layers)}
+
+
+def int8_codes(weight: torch.Tensor, axis: int = 0) -> np.ndarray:
+    """The int8 values ONNX Runtime's symmetric per-channel weight quantization gives `weight`
+    (scale = max |w| / 127 per output channel): what the stage can say before export."""
+    w = weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
+    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8).numpy()
+
+
+def distinct_per_channel(codes: np.ndarray) -> int:
+    """The largest number of distinct values in one row (output channel) of (C, n) codes."""
+    return max((len(np.unique(row)) for row in codes), default=0)
+
+
+def int8_distinct_per_channel(onnx_path) -> dict[str, int]:
+    """Per int8 weight initializer of an ONNX model (those a DequantizeLinear reads), the largest
+    number of distinct int8 values in one output channel (the DequantizeLinear's axis)."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.dtype != np.int8 or w.ndim < 2:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        out[node.input[0]] = distinct_per_channel(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1))
+    return out

@@ -1,0 +1,155 @@
+"""Stage `cluster`: weight clustering (edgepack.compress.cluster) after pruning, before export.
+
+Each Conv/Linear layer's weights are shared among k values (1-D k-means per layer), then the
+model is fine-tuned with distillation from the unclustered model with the assignment kept, and
+the build goes on with it. int8 keeps at most k values per output channel, so the artifacts
+compress (zip, OTA) far better; their raw size does not change. Enabled by `[compress.cluster]`
+(BuildConfig.compress = {"cluster": {...}}).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..compress.cluster import (INITS, check_clusters, cluster, clusterable_layers, clusters_kept,
+                                distinct_per_channel, distinct_values, int8_codes, out_axis)
+from ..compress.size import deflate_len
+from ..data import Preprocess, load_dataset
+from ..errors import EdgepackError
+from ..prune import FinetuneConfig, evaluate, finetune
+from .context import BuildContext
+
+NAME = "cluster"
+# Fine-tuning a clustered model only moves centroids (and BatchNorm, biases): a short schedule
+# at a smaller learning rate than pruning's (bench/compress_cluster.py).
+FINETUNE_DEFAULTS = {"epochs": 3, "lr": 0.005, "patience": 2}
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clusters: int = Field(16, description="values per layer (2..256)")
+    skip: list[str] = Field(default_factory=list, description="layer names or fnmatch patterns left unclustered")
+    per_channel: bool = Field(False, description="k centroids per output channel instead of per layer")
+    init: Literal[INITS] = "linear"
+    seed: int = 0
+    finetune: dict = Field(default_factory=dict, description="edgepack.prune.FinetuneConfig keys")
+
+
+def config(ctx: BuildContext) -> Config | None:
+    """The clustering options; None unless the build's [compress] table has a `cluster` entry."""
+    if not ctx.cfg.compress or "cluster" not in ctx.cfg.compress:
+        return None
+    if ctx.model.kind != "torch":
+        raise EdgepackError("weight clustering needs a PyTorch model: it fine-tunes the weights, and "
+                            f"{ctx.model.source or 'the input'} is an ONNX file",
+                            "build from the PyTorch model (--model file.py:factory --weights ...), "
+                            "or drop [compress.cluster]")
+    options = ctx.cfg.compress["cluster"] or {}
+    try:
+        cfg = Config.model_validate(options)
+        FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **cfg.finetune})
+    except ValidationError as e:
+        lines = [f"  - {'.'.join(map(str, err['loc'])) or 'cluster'}: "
+                 f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
+        raise EdgepackError("invalid [compress.cluster] options:\n" + "\n".join(lines),
+                            "e.g. clusters = 16, skip = [\"fc\"], [compress.cluster.finetune] epochs = 3") from e
+    check_clusters(cfg.clusters)
+    return cfg
+
+
+def run(ctx: BuildContext, cfg: Config) -> dict:
+    """Clusters a copy of ctx.model's module, fine-tunes it, and makes it the build's model."""
+    loaded, say = ctx.model, ctx.say
+    train, choose = training_data(ctx), ctx.data.choose
+    teacher = loaded.module.eval()
+    student = copy.deepcopy(teacher)
+    say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'} "
+        f"({cfg.init} k-means)")
+    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed)
+    if not rec.layers:
+        raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
+                            "lower `clusters`, or skip fewer layers")
+    ft_cfg = FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **cfg.finetune})
+    acc_before = evaluate(teacher, choose, ft_cfg.batch_size)
+    acc_clustered = evaluate(student, choose, ft_cfg.batch_size)
+    if train is None:
+        say("warning: no --train data: clustering without fine-tuning, accuracy will drop")
+
+    def progress(info: dict) -> None:
+        acc = info.get("eval_acc")
+        say(f"  cluster fine-tuning: epoch {info['epoch']}/{info['epochs']}, loss {info['loss']:.4g}"
+            + (f", choosing top-1 {acc:.4f}" if acc is not None else ""))
+
+    with clusters_kept(student, rec):
+        summary = finetune(student, teacher, train, choose, ft_cfg, progress)
+    for w in summary["warnings"]:
+        say(f"warning: {w}")
+    distinct = distinct_values(student, [layer.name for layer in rec.layers])
+    broken = {n: d for n, d in distinct.items() if d > cfg.clusters}
+    if broken:  # the parametrization makes this impossible; fail closed if it ever is not
+        raise EdgepackError(f"clustered layers lost their clusters during fine-tuning: {broken}")
+    ctx.model = replace(loaded, module=student.eval())
+    record = {**rec.to_dict(), "finetune": summary,
+              "accuracy": {"samples": len(choose), "before": acc_before,
+                           "clustered": acc_clustered,
+                           "finetuned": summary["eval_acc_after"] if summary["epochs_run"] else acc_clustered},
+              "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers])}
+    for layer in record["layers"]:
+        layer["distinct_after_finetune"] = distinct[layer["name"]]
+    ctx.sections[NAME] = markdown(record)
+    est = record["int8_weights"]
+    say(f"clustered {len(rec.layers)} layer(s) ({rec.clustered_weights:,} weights); their int8 weights deflate to "
+        f"{est['deflate_bytes_after']:,} bytes, from {est['deflate_bytes_before']:,}")
+    return record
+
+
+def training_data(ctx: BuildContext):
+    """The build's training data. The load stage reads --train only when pruning (a request to
+    read it for [compress] too is in /tmp/ep/requests.md); until then it is read here."""
+    if ctx.data.train is not None or not ctx.cfg.train:
+        return ctx.data.train
+    pre = Preprocess(**ctx.cfg.data.preprocess_fields())
+    ctx.data.train = load_dataset(ctx.cfg.train, ctx.model.sample_specs(), pre, "training data")
+    return ctx.data.train
+
+
+def int8_weight_sizes(before, after, names: list[str]) -> dict:
+    """The clustered layers' weights as per-channel symmetric int8 codes (what ONNX Runtime's
+    quantizer makes of them; BatchNorm folding does not change them), raw and deflated, before and
+    after clustering, and the most distinct codes in one channel: a figure known before export."""
+    layers_before, layers_after = clusterable_layers(before), clusterable_layers(after)
+    codes_before = [int8_codes(layers_before[n].weight, out_axis(layers_before[n])) for n in names]
+    codes_after = [int8_codes(layers_after[n].weight, out_axis(layers_after[n])) for n in names]
+    raw = b"".join(c.tobytes() for c in codes_before)
+    return {"raw_bytes": len(raw), "deflate_bytes_before": deflate_len(raw),
+            "deflate_bytes_after": deflate_len(b"".join(c.tobytes() for c in codes_after)),
+            "max_distinct_per_channel": int(max((distinct_per_channel(c) for c in codes_after), default=0)),
+            "measure": "deflate level 9 of the int8 codes, per-channel symmetric (max |w| / 127), layers in order"}
+
+
+def markdown(record: dict) -> str:
+    acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
+    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    scope = "output channel" if record["per_channel"] else "layer"
+    lines = ["## Weight clustering", "",
+             f"{record['clusters']} shared values per {scope} ({record['init']} k-means) in "
+             f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
+             f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s), distillation "
+             f"{'on' if ft['distill'] else 'off'}).", "",
+             f"| top-1 on {acc['samples']} choosing samples | before clustering | clustered | fine-tuned |",
+             "|---|---:|---:|---:|",
+             f"| | {pct(acc['before'])} | {pct(acc['clustered'])} | {pct(acc['finetuned'])} |", "",
+             f"int8 weights of these layers (estimate before export): {est['raw_bytes']:,} bytes raw, deflated "
+             f"{est['deflate_bytes_before']:,} -> {est['deflate_bytes_after']:,} bytes "
+             f"({est['deflate_bytes_before'] / max(1, est['deflate_bytes_after']):.2f}x); at most "
+             f"{est['max_distinct_per_channel']} distinct int8 values in one channel.", ""]
+    if record["skipped"]:
+        lines += ["Not clustered: " + "; ".join(f"`{s['layer']}` ({s['reason']})" for s in record["skipped"]) + ".", ""]
+    worst = sorted(record["layers"], key=lambda layer: -layer["rel_error"])[:5]
+    lines += ["Largest relative weight error from clustering: "
+              + ", ".join(f"`{layer['name']}` {layer['rel_error']:.3f}" for layer in worst) + ".", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,196 @@
+"""Weight clustering (edgepack.compress.cluster) and the `cluster` build stage, on small real models."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from edgepack.compress.cluster import (clusterable_layers, cluster, clusters_kept, distinct_values, int8_codes,
+                                       int8_distinct_per_channel, kmeans_1d)
+from edgepack.data import Dataset
+from edgepack.errors import EdgepackError
+from edgepack.onnx_tools.export import to_onnx
+from edgepack.onnx_tools.quantize import quantize_onnx
+from edgepack.prune import FinetuneConfig, finetune
+from edgepack.scheme import scheme_for_build
+from edgepack.targets import load_profile
+from fixtures.zoo import mobilenet_v2, resnet18
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two torch threads on the loaded 2-core test machine ran fine-tuning 50x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_net(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes)).eval()
+
+
+def labelled(n: int = 96, classes: int = 4, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 16, 16)).astype(np.float32)
+    y = (x[:, 0].mean((1, 2)) > 0).astype(np.int64) + 2 * (x[:, 1].mean((1, 2)) > 0)
+    return Dataset(x, y, "random", [str(i) for i in range(classes)])
+
+
+def test_kmeans_1d_recovers_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([-3.0, -1.0, 0.5, 2.0])
+    x = torch.from_numpy(np.concatenate([c + 0.01 * rng.standard_normal(200) for c in centers]))
+    for init in ("linear", "kmeans++"):
+        c, a = kmeans_1d(x, 4, init, seed=1)
+        assert np.allclose(c.numpy(), centers, atol=0.01)
+        assert torch.equal(a, torch.arange(4).repeat_interleave(200))
+    c, a = kmeans_1d(torch.tensor([1.0, 2.0, 1.0]), 16)  # fewer values than clusters: exact
+    assert c.tolist() == [1.0, 2.0] and a.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("make", [lambda: resnet18(10, 1, small_input=True, width=0.125),
+                                  lambda: mobilenet_v2(10, 1, width=0.35, small_input=True)])
+def test_every_layer_holds_at_most_k_values(make):
+    model = make().eval()
+    clustered, rec = cluster(copy.deepcopy(model), 16)
+    counts = distinct_values(clustered)
+    assert len(rec.layers) + len(rec.skipped) == len(counts)
+    assert all(counts[layer.name] <= 16 for layer in rec.layers)
+    assert max(counts[layer.name] for layer in rec.layers) == 16
+    assert all(0 < layer.rel_error < 0.2 for layer in rec.layers)
+    assert distinct_values(model)[rec.layers[0].name] > 16  # the original was left alone
+
+
+def test_small_and_skipped_layers_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 2), nn.Linear(2, 3))
+    _, rec = cluster(model, 16, skip=["0"])
+    assert [layer.name for layer in rec.layers] == ["3"]
+    assert rec.skipped == [{"layer": "0", "reason": "skipped by the configuration"},
+                           {"layer": "4", "reason": "too small: 6 weights, fewer than 16 clusters"}]
+
+
+def test_finetuning_keeps_the_assignment():
+    model = small_net()
+    student, rec = cluster(copy.deepcopy(model), 8)
+    before = {n: m.weight.detach().clone() for n, m in clusterable_layers(student).items()}
+    with clusters_kept(student, rec):
+        assert all(parametrize.is_parametrized(m, "weight") for m in clusterable_layers(student).values())
+        summary = finetune(student, model, labelled(64), labelled(32, seed=1),
+                           FinetuneConfig(epochs=2, lr=0.05, patience=None, batch_size=16))
+    assert summary["epochs_run"] == 2
+    layers = clusterable_layers(student)
+    assert not any(parametrize.is_parametrized(m) for m in layers.values())  # plain weights for export
+    assert set(student.state_dict()) == set(model.state_dict())
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        assert torch.unique(w).numel() <= 8
+        # same partition of the weights as before fine-tuning: equal before => equal after
+        old = before[name].reshape(-1)
+        _, old_ids = torch.unique(old, return_inverse=True)
+        _, new_ids = torch.unique(w.reshape(-1), return_inverse=True)
+        pairs = torch.unique(torch.stack([old_ids, new_ids]), dim=1)
+        assert pairs.shape[1] == torch.unique(old_ids).numel()
+    if summary["best_epoch"]:
+        assert any(not torch.equal(before[n], layers[n].weight) for n in layers)  # the centroids trained
+
+
+def test_scaled_codebook_shares_int8_codes_across_channels():
+    model = small_net()
+    student, rec = cluster(copy.deepcopy(model), 16, scaled=True)
+    with clusters_kept(student, rec):
+        opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        student.train()
+        for _ in range(3):
+            loss = student(torch.randn(8, 3, 16, 16)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for layer in rec.layers:
+        w = clusterable_layers(student)[layer.name].weight
+        assert not torch.equal(w, clusterable_layers(model)[layer.name].weight)
+        assert len(np.unique(int8_codes(w))) <= 16  # one set of codes for the whole layer
+        assert len(np.unique(int8_codes(clusterable_layers(model)[layer.name].weight))) > 16
+    with pytest.raises(EdgepackError, match="exclude each other"):
+        cluster(copy.deepcopy(model), 16, scaled=True, per_channel=True)
+
+
+def test_outputs_stay_close_at_256_clusters():
+    model = resnet18(10, 1, small_input=True, width=0.125).eval()
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = cluster(copy.deepcopy(model), 256)[0](x)
+    assert float((out - ref).norm() / ref.norm()) < 0.01
+
+
+def test_int8_onnx_keeps_at_most_k_values_per_channel(tmp_path):
+    model = small_net()
+    x = (torch.zeros(1, 3, 16, 16),)
+    calib = labelled(64)
+    scheme, _ = scheme_for_build(load_profile("x86"))
+    clustered, rec = cluster(copy.deepcopy(model), 16)
+    counts = {}
+    for label, m in (("plain", model), ("clustered", clustered)):
+        fp32 = to_onnx(m, x, tmp_path / f"{label}.onnx")
+        quantize_onnx(fp32, tmp_path / f"{label}.int8.onnx", calib, scheme)
+        counts[label] = int8_distinct_per_channel(tmp_path / f"{label}.int8.onnx")
+    assert len(counts["clustered"]) == 3  # both convs (BatchNorm folded in) and the Linear
+    assert all(v <= 16 for v in counts["clustered"].values())
+    assert max(counts["plain"].values()) > 16
+
+
+@pytest.mark.parametrize("k", [0, 1, 257, 2.5, True, "16"])
+def test_bad_cluster_counts(k):
+    with pytest.raises(EdgepackError, match="clusters must be a whole number from 2 to 256"):
+        cluster(small_net(), k)
+
+
+def test_bad_options():
+    with pytest.raises(EdgepackError, match="names no Conv/Linear layer"):
+        cluster(small_net(), 16, skip=["head"])
+    with pytest.raises(EdgepackError, match="init must be one of"):
+        cluster(small_net(), 16, init="random")
+    with pytest.raises(EdgepackError, match="no Conv or Linear layer"):
+        cluster(nn.Sequential(nn.ReLU()), 16)
+
+
+def test_stage_options_are_checked(user_model, tmp_path):
+    import edgepack
+    fp32 = to_onnx(user_model["module"], (torch.zeros(1, 3, 16, 16),), tmp_path / "mynet.onnx")
+    with pytest.raises(EdgepackError, match="needs a PyTorch model"):
+        edgepack.build(model=str(fp32), calib=user_model["calib"], out=str(tmp_path / "a"),
+                       compress={"cluster": {"clusters": 16}})
+    with pytest.raises(EdgepackError, match=r"invalid \[compress.cluster\] options:\n  - cluster_count: unknown"):
+        edgepack.build(model=user_model["model"], weights=user_model["weights"], calib=user_model["calib"],
+                       out=str(tmp_path / "b"), compress={"cluster": {"cluster_count": 16}})
+    with pytest.raises(EdgepackError, match="clusters must be a whole number"):
+        edgepack.build(model=user_model["model"], weights=user_model["weights"], calib=user_model["calib"],
+                       out=str(tmp_path / "c"), compress={"cluster": {"clusters": 1}})
+
+
+@pytest.mark.slow
+def test_build_with_clustering_compresses_better(tmp_path):
+    import edgepack
+    from edgepack.compress.size import compressed_bytes
+    common = dict(target="x86", latency_runs=5)
+    plain = edgepack.build(out=str(tmp_path / "plain"), **common)
+    clustered = edgepack.build(out=str(tmp_path / "clustered"), **common,
+                               compress={"cluster": {"clusters": 16, "finetune": {"epochs": 1, "threads": 1}}})
+    rec = clustered.manifest.stages["cluster"]
+    assert rec["clustered_layers"] == 6 and rec["finetune"]["epochs_run"] == 1
+    assert all(layer["distinct_after_finetune"] <= 16 for layer in rec["layers"])
+    assert rec["accuracy"]["finetuned"] >= rec["accuracy"]["before"] - 0.03
+    assert "## Weight clustering" in (clustered.path / "report.md").read_text()
+    for a in clustered.manifest.artifacts:
+        assert compressed_bytes(clustered.path / a.path) < 0.8 * compressed_bytes(plain.path / a.path), a.path
+    assert all(v <= 16 for v in int8_distinct_per_channel(clustered.path / "model.int8.onnx").values())
+    assert clustered.manifest.artifact("model.int8.onnx").metrics.accuracy >= \
+        plain.manifest.artifact("model.int8.onnx").metrics.accuracy - 3.0
