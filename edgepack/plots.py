@@ -140,8 +140,8 @@ def save_png(fig: Figure, path) -> None:
 
 
 def tradeoff_figure(trials: Sequence[dict], pareto: Sequence[int], best: int | None, title: str) -> Figure | None:
-    """A search's trials: quality against latency, marker area by size, the Pareto front ringed
-    and joined, the best build starred, trials that miss a budget hollow."""
+    """A search's trials: quality against latency, marker area by size, the Pareto front ringed,
+    the best build starred, trials that miss a budget hollow."""
     done = [t for t in trials if t.get("metric") is not None and t.get("latency_ms") is not None]
     if not done:
         return None
@@ -158,10 +158,11 @@ def tradeoff_figure(trials: Sequence[dict], pareto: Sequence[int], best: int | N
                    label="misses a budget")
     front = sorted((t for t in done if t["number"] in set(pareto)), key=lambda t: float(t["latency_ms"]))
     if front:
+        # Ringed, not joined: the front is over three objectives (size too), so in this plane its
+        # points need not form a staircase.
         fx, fy = [float(t["latency_ms"]) for t in front], [float(t["metric"]) for t in front]
-        ax.plot(fx, fy, color="#222222", linewidth=1, linestyle="--", zorder=1)
         ax.scatter(fx, fy, s=[area[done.index(t)] + 80 for t in front], facecolors="none", edgecolors="#222222",
-                   linewidths=1.6, label=f"Pareto front ({len(front)})")
+                   linewidths=1.6, label=f"Pareto front over quality, latency, size ({len(front)})")
     for t in done:
         ax.annotate(str(t["number"]), (float(t["latency_ms"]), float(t["metric"])), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")

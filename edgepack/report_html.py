@@ -309,7 +309,7 @@ def _search(build_dir: Path, plots) -> list[str]:
             f"highest {esc(metric)}, then the lowest latency, then the smallest size. "
             f"{esc(data.get('latency_note', ''))}.</p>",
             figure(plots.tradeoff(trials, pareto, best, title), "accuracy against latency of every trial",
-                   "Ringed and joined: the Pareto front. Star: this build. Hollow: a budget missed."),
+                   "Ringed: the Pareto front (quality, latency and size). Star: this build. Hollow: a budget missed."),
             f"<h3>Pareto front ({len(rows)})</h3>",
             table(["trial", metric, "p50 ms", "where", "size MB", "budgets", "params"], rows)]
 
