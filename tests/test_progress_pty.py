@@ -77,7 +77,7 @@ def test_pruning_build_with_fine_tuning_redraws_its_bars_on_a_terminal(user_mode
     assert "\x1b[" in stream  # rich drew on the terminal: colours and cursor moves, not plain lines
     counts: dict[str, set[str]] = {}
     for line in lines:
-        m = re.search(rf"fine-tuning epoch (\d+)/2\b.*?{COUNT}", line)
+        m = re.search(rf"fine-tune epoch (\d+)/2\b.*?{COUNT}", line)
         if m:
             counts.setdefault(m.group(1), set()).add(m.group(2))
     assert set(counts) == {"1", "2"}, lines[-40:]
@@ -97,6 +97,6 @@ def test_a_pipe_gets_lines_not_redraws(user_model, tmp_path):
                            "--train", user_model["eval"], "--out", str(tmp_path / "p.safetensors"))
     assert code == 0, err
     assert "\x1b[" not in err
-    assert re.search(r"fine-tuning epoch 1/1 \(\d+ to do\) \.\.\.", err)
-    assert re.search(r"fine-tuning epoch 1/1, loss [\d.]+, eval (-|[\d.]+%): done \(1/1\) in [\d.]+ s", err), err
+    assert re.search(r"fine-tune epoch 1/1 \(\d+ to do\) \.\.\.", err)
+    assert re.search(r"fine-tune epoch 1/1, loss [\d.]+, eval (-|[\d.]+%): done \(1/1\) in [\d.]+ s", err), err
     assert re.search(r"pruning channel groups \(step 1/1\): .*: done \((\d+)/\1\)", err), err

@@ -376,14 +376,16 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
                     HINT)
             guard.step = "measuring the pruned model"
             record = session.record(requested)
-    except ResourceLimit:
-        raise UnprunableModel(f"pruning {name} stopped: {guard.exceeded}, while {guard.step}",
-                              f"{HINT}; or raise max_memory_mb / max_prune_minutes") from None
     except EdgepackError:
         raise
-    except Exception as e:  # torch-pruning or the model under pruning failed: name where
+    except (ResourceLimit, Exception) as e:
+        # A limit's exception landing inside torch's C++ argument parsing comes out as a TypeError:
+        # guard.exceeded says it was the limit all the same (seen under heavy load).
+        if guard.exceeded:
+            raise UnprunableModel(f"pruning {name} stopped: {guard.exceeded}, while {guard.step}",
+                                  f"{HINT}; or raise max_memory_mb / max_prune_minutes") from None
         raise UnprunableModel(f"pruning {name} failed while {guard.step}: {type(e).__name__}: {_first_line(e)}",
-                              HINT) from e
+                              HINT) from e  # torch-pruning or the model under pruning failed: name where
     record.peak_rss_mb = round(guard.peak_mb)
     record.prune_seconds = round(guard.seconds, 2)
     return pruned.eval(), record

@@ -127,11 +127,11 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module |
 
 def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
-             deadline: float | None = None, label: str = "fine-tuning") -> dict:
+             deadline: float | None = None, label: str = "fine-tune") -> dict:
     """Fine-tune `student` in place; returns a JSON-able summary (also when skipped, with the
     reason in `warnings`). `deadline` (time.monotonic() value) caps this run in addition to
     cfg.max_minutes, so iterative pruning can share one time budget. `label` names the
-    progress tasks ("fine-tuning epoch 2/5")."""
+    progress tasks ("fine-tune epoch 2/5")."""
     distill = cfg.distill and teacher is not None
     summary = {"distill": distill, "epochs_run": 0, "seconds": 0.0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": None, "eval_acc_after": None, "best_epoch": None, "stopped": None,

@@ -70,7 +70,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         step_cfg = ft.model_copy(update={"epochs": epochs, "max_minutes": None})
         report = bars if events is None else (lambda info: events({"stage": "fine-tune", "step": step + 1,
                                                                     "steps": steps, **info}))
-        label = "fine-tuning" + (f" (step {step + 1}/{steps})" if steps > 1 else "")
+        label = "fine-tune" + (f" (step {step + 1}/{steps})" if steps > 1 else "")
         summary = finetune(student, teacher, train, eval, step_cfg, report, deadline, label=label)
         summaries.append({"step": step + 1, **summary})
 
