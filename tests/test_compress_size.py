@@ -5,7 +5,7 @@ import zipfile
 
 import numpy as np
 
-from edgepack.compress.size import compressed_bytes, compressed_sizes, deflate_len, zstd_bytes
+from edgepack.compress.size import compressed_bytes, compressed_sizes, deflate_len, huffman_only_bytes, zstd_bytes
 
 
 def test_compressed_bytes_is_the_size_of_the_zip_entry(tmp_path):
@@ -30,6 +30,7 @@ def test_compressed_sizes_record(tmp_path):
     assert sizes["raw_bytes"] == 100_000
     assert sizes["deflate_bytes"] < 200
     assert sizes["ratio"] == round(100_000 / sizes["deflate_bytes"], 3)
+    assert sizes["deflate_huffman_bytes"] == huffman_only_bytes(path) > sizes["deflate_bytes"]  # zeros: matches win
     z = zstd_bytes(path)  # optional: None without the zstandard package
     assert sizes["zstd_bytes"] == z and (z is None or 0 < z < 200)
 
@@ -39,3 +40,12 @@ def test_empty_file(tmp_path):
     path.write_bytes(b"")
     assert compressed_bytes(path) == deflate_len(b"") > 0
     assert compressed_sizes(path)["raw_bytes"] == 0
+
+
+def test_huffman_only_wins_on_4_bit_bytes(tmp_path):
+    """What clustered int8 weights look like: 16 byte values, no repeats longer than chance."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "codes.bin"
+    path.write_bytes(rng.integers(-8, 8, 200_000).astype(np.int8).tobytes())
+    assert huffman_only_bytes(path) < compressed_bytes(path)
+    assert huffman_only_bytes(path) < 0.52 * 200_000  # ~4 bits a byte

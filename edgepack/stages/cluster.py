@@ -34,6 +34,8 @@ class Config(BaseModel):
     clusters: int = Field(16, description="values per layer (2..256)")
     skip: list[str] = Field(default_factory=list, description="layer names or fnmatch patterns left unclustered")
     per_channel: bool = Field(False, description="k centroids per output channel instead of per layer")
+    scaled: bool = Field(False, description="one codebook per layer times each output channel's max |w|: "
+                                            "the same k int8 codes in every channel")
     init: Literal[INITS] = "linear"
     seed: int = 0
     finetune: dict = Field(default_factory=dict, description="edgepack.prune.FinetuneConfig keys")
@@ -67,9 +69,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     train, choose = training_data(ctx), ctx.data.choose
     teacher = loaded.module.eval()
     student = copy.deepcopy(teacher)
-    say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'} "
-        f"({cfg.init} k-means)")
-    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed)
+    say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'}"
+        f"{' (scaled per channel)' if cfg.scaled else ''} ({cfg.init} k-means)")
+    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled)
     if not rec.layers:
         raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
                             "lower `clusters`, or skip fewer layers")
@@ -134,7 +136,8 @@ def int8_weight_sizes(before, after, names: list[str]) -> dict:
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
-    scope = "output channel" if record["per_channel"] else "layer"
+    scope = "output channel" if record["per_channel"] else \
+        ("layer, scaled by each channel's max |w|" if record["scaled"] else "layer")
     lines = ["## Weight clustering", "",
              f"{record['clusters']} shared values per {scope} ({record['init']} k-means) in "
              f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
