@@ -11,6 +11,7 @@ the test digits (n and the binomial standard error), and the distinct int8 value
 
     .venv/bin/python bench/compress_cluster.py                      # all (~40 min on a loaded 2-core box)
     .venv/bin/python bench/compress_cluster.py --baselines-only     # only train the missing baselines
+    .venv/bin/python bench/compress_cluster.py --plot-only          # the png from the JSON
 Writes bench/results/compress_cluster.json and .png.
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ def args_parser():
     p.add_argument("--ft-minutes", type=float, default=8.0, help="cap per fine-tuning run")
     p.add_argument("--seed-list", default="", help="explicit baseline seeds, e.g. 1,2")
     p.add_argument("--baselines-only", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw the png from the JSON (e.g. of a cut-short run)")
     p.add_argument("--wait-minutes", type=float, default=40, help="wait this long for a baseline another process trains")
     p.add_argument("--out", type=Path, default=RESULTS / "compress_cluster.json")
     return p
@@ -210,9 +212,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.scatter([], [], color=c, label=name)
     for variant, m in markers.items():
         ax.scatter([], [], color="gray", marker=m, label=f"int8 {variant}" if variant == "plain" else f"clustered ({variant}) int8")
-    ax.set_xlabel("int8 ONNX, deflate level 9 (kB)")
+    ax.set_xscale("log")
+    ax.set_xlabel("int8 ONNX, deflate level 9 (kB, log scale)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Weight clustering (16 per layer) vs plain int8, noisy digits")
+    ax.set_title("Weight clustering (16 values) vs plain int8, noisy digits test x4")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -261,6 +264,9 @@ def main(argv=None):
     args = args_parser().parse_args(argv)
     torch.set_num_threads(1)  # 2 cores shared by several agents: two threads ran 6x slower
     names = args.models.split(",")
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["rows"], args.out.with_suffix(".png"))
+        return
     seeds = [0] if args.ft_seeds_on_seed0 else list(range(args.seeds))
     if args.seed_list:
         seeds = [int(s) for s in args.seed_list.split(",")]
