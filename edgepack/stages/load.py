@@ -42,7 +42,7 @@ def config(ctx: BuildContext) -> Config:
         raise EdgepackError("int8 calibration needs representative data: none was given",
                             "pass --calib DIR|file.npz|module:function (a few hundred samples is plenty)")
     return Config(model=c.model, weights=c.weights, trust_pickle=c.trust_pickle, input_shape=c.input_shape,
-                  input_dtype=c.input_dtype, calib=c.calib, eval=c.eval, train=c.train if c.prune else None,
+                  input_dtype=c.input_dtype, calib=c.calib, eval=c.eval, train=c.train if _fine_tunes(c) else None,
                   choose_samples=c.choose_samples, metric=c.metric)
 
 
@@ -218,4 +218,9 @@ def _finite(ds: Dataset, what: str) -> None:
     if bad:
         raise EdgepackError(f"{what} {ds.source} has NaN/Inf values in {bad} of {len(ds)} samples",
                             "clean or drop those samples; int8 ranges computed from them would be garbage")
+
+
+def _fine_tunes(c) -> bool:
+    """Whether a stage of this build trains (pruning, low-rank, clustering): only then is --train read."""
+    return bool(c.prune) or any(k in (c.compress or {}) for k in ("lowrank", "cluster"))
 
