@@ -157,3 +157,18 @@ def test_build_with_lowrank_writes_a_smaller_model(tmp_path):
     full = to_onnx(example.digits_cnn().eval(), (torch.zeros(1, 1, example.SIZE, example.SIZE),), tmp_path / "f.onnx")
     assert (result.path / "model.fp32.onnx").stat().st_size < 0.75 * full.stat().st_size
     assert "## Low-rank factorization" in (result.path / "report.md").read_text()
+
+
+def test_composes_with_channel_pruning():
+    """Pruned layers are plain (narrower) Conv2d/Linear: they factorize like any other, exactly at full rank."""
+    from edgepack.prune import PruneConfig, prune_model
+    from fixtures.zoo import convnet
+    torch.manual_seed(0)
+    model = convnet(10, 3, width=0.5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruned, prec = prune_model(model, x[:1], PruneConfig(ratio=0.5, round_to=1))
+    new, rec = factorize(pruned, (x[:1],), energy=1.0, only_if_cheaper=False)
+    convs = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert rec["macs_before"] == prec.macs_after and [layer["name"] for layer in rec["layers"]] == convs
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), pruned(x), atol=1e-5, rtol=1e-4)

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..compress.lowrank import check_options, factorize, factorize_rounded
+from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
 from ..prune.config import FinetuneConfig
 from ..prune.finetune import evaluate, finetune, has_class_ids
@@ -76,7 +77,7 @@ def config(ctx: BuildContext) -> Config | None:
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
     loaded, say = ctx.model, ctx.say
-    train, choose = ctx.data.train, ctx.data.choose
+    train, choose = _train_data(ctx), ctx.data.choose
     goal = f"energy {cfg.energy}" if cfg.energy is not None else f"MACs target {cfg.macs_target} ({cfg.allocation})"
     multiple = cfg.rank_multiple or ctx.profile.simd_width
     say(f"factorizing by truncated SVD to {goal}, ranks in multiples of {multiple}")
@@ -102,7 +103,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         summary = finetune(module, teacher, train, choose, ft,
                            lambda info: say(f"  fine-tune: epoch {info['epoch']}/{info['epochs']}, loss "
                                             f"{info['loss']:.4g}, eval {info['eval_acc']}"))
-        record["warnings"] += summary.pop("warnings")
+        record["warnings"] += [w.replace("the model is pruned only", "the model is factorized only")
+                               for w in summary.pop("warnings")]
     accuracy["finetuned"] = evaluate(module, choose, ft.batch_size, teacher)
     accuracy["seconds"] = round(time.monotonic() - start, 2)
     record.update(finetune=summary, finetune_config=ft.model_dump(), accuracy=accuracy,
@@ -112,6 +114,15 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     ctx.model = replace(loaded, module=module.eval())
     ctx.sections[NAME] = markdown(record)
     return record
+
+
+def _train_data(ctx: BuildContext):
+    """The training data. The load stage reads --train only when pruning; read it here otherwise
+    (and share it with the stages after this one)."""
+    if ctx.data.train is None and ctx.cfg.train:
+        pre = Preprocess(**ctx.cfg.data.preprocess_fields())
+        ctx.data.train = load_dataset(ctx.cfg.train, ctx.model.sample_specs(), pre, "training data")
+    return ctx.data.train
 
 
 def _metric(data) -> str | None:
