@@ -14,7 +14,7 @@ from .manifest import read_manifest, write_text_atomic
 from .report_html import bench_results, esc, page, peak_from_notes
 
 # (key, label, better): higher or lower is better; None: not a judgement (counts, names)
-ARTIFACT_METRICS = [("size_mb", "size MB", "lower"), ("accuracy", "top-1 %", "higher"),
+ARTIFACT_METRICS = [("size_mb", "size MB", "lower"), ("zip_mb", "zip MB", "lower"), ("accuracy", "top-1 %", "higher"),
                     ("agreement", "agreement %", "higher"), ("metric", "metric", "higher"),
                     ("sqnr_db", "SQNR dB", "higher"), ("p50_ms", "p50 ms (build machine)", "lower"),
                     ("peak_mb", "peak MB (build machine)", "lower")]
@@ -30,7 +30,8 @@ def load_build(path: Path | str) -> dict:
     artifacts = {}
     for a in m.artifacts:
         q = a.metrics
-        artifacts[a.path] = {"size_mb": round(a.size_bytes / 1e6, 4), "accuracy": q.accuracy,
+        artifacts[a.path] = {"size_mb": round(a.size_bytes / 1e6, 4),
+                             "zip_mb": round(a.compressed_bytes / 1e6, 4) if a.compressed_bytes else None, "accuracy": q.accuracy,
                              "agreement": q.agreement, "metric": q.metric, "sqnr_db": q.sqnr_db,
                              "p50_ms": q.latency_ms.p50 if q.latency_ms else None, "peak_mb": peaks.get(a.path)}
     devices: dict[str, dict] = {}

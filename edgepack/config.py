@@ -133,7 +133,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
+        if key == "compress" and isinstance(data.get(key), dict):  # one table per stage: merge each
+            data[key] = {**data[key], **{stage: {**(data[key].get(stage) or {}), **opts}
+                                         for stage, opts in value.items()}}
+        elif isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **{k: v for k, v in value.items() if v is not None}}
         else:
             data[key] = value

@@ -59,9 +59,11 @@ class ArtifactMetrics(BaseModel):
 class Artifact(BaseModel):
     path: str  # relative to the build directory
     format: str  # "onnx" | "tflite"
-    precision: str  # "fp32" | "int8"
+    precision: str  # "fp32" | "int8" | "fp16"
     sha256: str
     size_bytes: int
+    # deflate level 9 of the file (its zip entry): what shipping it costs (edgepack.compress.size)
+    compressed_bytes: int | None = None
     layout: str | None = "NCHW"
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []

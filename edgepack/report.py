@@ -19,14 +19,15 @@ def artifact_rows(m: Manifest, peak_mb: dict | None = None) -> list[list[str]]:
     rows = []
     for a in m.artifacts:
         lat, q = a.metrics.latency_ms, a.metrics
-        rows.append([a.path, a.format, a.precision, fmt(a.size_bytes / 1e6, 3), fmt(q.accuracy),
+        rows.append([a.path, a.format, a.precision, fmt(a.size_bytes / 1e6, 3),
+                     fmt(a.compressed_bytes / 1e6, 3) if a.compressed_bytes else "-", fmt(q.accuracy),
                      fmt(q.agreement), fmt(q.metric, 4), fmt(q.sqnr_db, 1),
                      fmt(lat.p50 if lat else None, 3), fmt(lat.p90 if lat else None, 3),
                      fmt((peak_mb or {}).get(a.path), 1)])
     return rows
 
 
-ARTIFACT_HEADER = ["artifact", "format", "precision", "size MB", "top-1 %", "agreement %", "metric",
+ARTIFACT_HEADER = ["artifact", "format", "precision", "size MB", "zip MB", "top-1 %", "agreement %", "metric",
                    "SQNR dB", "p50 ms", "p90 ms", "peak MB"]
 
 

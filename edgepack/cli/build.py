@@ -73,6 +73,24 @@ def _floats(flag: str, text: str | None) -> list[float] | None:
         raise EdgepackError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
+def _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs, clusters, cluster_skip,
+                     cluster_epochs, fp16) -> dict | None:
+    """The [compress] tables the flags given ask for (merged over the config file's, key by key)."""
+    given = {"lowrank": {"energy": lowrank_energy, "macs_target": lowrank_macs, "skip": lowrank_skip or None,
+                         "epochs": lowrank_epochs},
+             "cluster": {"clusters": clusters, "skip": cluster_skip or None,
+                         "finetune": {"epochs": cluster_epochs} if cluster_epochs is not None else None},
+             "fp16": {} if fp16 else None}
+    tables = {}
+    for stage, opts in given.items():
+        if opts is None:
+            continue
+        kept = {k: v for k, v in opts.items() if v is not None}
+        if kept or stage == "fp16":
+            tables[stage] = kept
+    return tables or None
+
+
 def summary_table(result) -> tuple[Table, Table]:
     from ..report import ARTIFACT_HEADER, artifact_rows, verdict_rows
     m = result.manifest
@@ -131,6 +149,14 @@ def register(app: typer.Typer) -> None:
         allow_unpruned: bool = typer.Option(False, "--allow-unpruned", help="go on unpruned if the model cannot be pruned"),
         prune_max_memory_mb: Optional[int] = typer.Option(None, "--prune-max-memory-mb", help="stop pruning with a clear error past this resident memory [3/4 of free]"),
         prune_max_minutes: Optional[float] = typer.Option(None, "--prune-max-minutes", help="stop pruning with a clear error after this long [30]"),
+        lowrank_energy: Optional[float] = typer.Option(None, "--lowrank-energy", help="low-rank factorization: keep this fraction (0, 1] of each layer's singular-value energy"),
+        lowrank_macs: Optional[float] = typer.Option(None, "--lowrank-macs", help="low-rank factorization: keep this fraction (0, 1) of the model's MACs"),
+        lowrank_skip: list[str] = typer.Option([], "--lowrank-skip", help="leave this layer unfactorized (repeatable)"),
+        lowrank_epochs: Optional[int] = typer.Option(None, "--lowrank-epochs", help="distillation epochs after factorizing [5]"),
+        clusters: Optional[int] = typer.Option(None, "--clusters", help="weight clustering: each Conv/Linear layer's weights share K values (2-256; 16 is usual)"),
+        cluster_skip: list[str] = typer.Option([], "--cluster-skip", help="leave this layer (name or fnmatch pattern) unclustered (repeatable)"),
+        cluster_epochs: Optional[int] = typer.Option(None, "--cluster-epochs", help="distillation epochs after clustering [3]"),
+        fp16: bool = typer.Option(False, "--fp16", help="also make model.fp16.onnx (and .tflite) on a target that does not list fp16"),
         device: Optional[str] = typer.Option(None, "--device", help="deploy to this device and benchmark there"),
         devices_dir: list[str] = typer.Option([], "--devices-dir", help="extra device inventory directory"),
         accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="trust an unknown SSH host key once"),
@@ -146,6 +172,8 @@ def register(app: typer.Typer) -> None:
             "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
             "max_memory_mb": prune_max_memory_mb, "max_prune_minutes": prune_max_minutes,
         }.items() if v is not None} or None
+        compress_cfg = _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs,
+                                        clusters, cluster_skip, cluster_epochs, fp16)
         data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),
                                       "preprocess": preprocess, "resize": _ints("--resize", resize),
                                       "crop": _ints("--crop", crop), "layout": data_layout}.items()
@@ -160,7 +188,7 @@ def register(app: typer.Typer) -> None:
             "calibration_method": calibration_method, "data": data_cfg,
             "budgets": budgets or None, "budgets_off": budgets_off or None, "trust_pickle": trust_pickle or None,
             "fallback": False if no_fallback else None, "max_float_nodes": max_float_nodes,
-            "latency_runs": latency_runs, "prune": prune_cfg, "device": device,
+            "latency_runs": latency_runs, "prune": prune_cfg, "compress": compress_cfg, "device": device,
             "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,
         })
         # Libraries print on stdout (torch-pruning's MAC counter, ONNX export notes): not into the JSON.

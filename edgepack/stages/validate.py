@@ -13,6 +13,7 @@ import onnx
 from pydantic import BaseModel
 
 from .. import runtime
+from ..compress.size import compressed_bytes
 from ..errors import EdgepackError
 from ..hashing import sha256_file
 from ..manifest import Artifact, ArtifactMetrics, LatencyMs, TensorSpec
@@ -69,7 +70,7 @@ def artifact(root: Path, path: Path, fmt: str, precision: str, q: dict, layout: 
                               **{k: q.get(k) for k in ("accuracy", "agreement", "metric", "max_abs_diff", "cosine",
                                                        "sqnr_db", "outputs", "samples")})
     return Artifact(path=path.relative_to(root).as_posix(), format=fmt, precision=precision, sha256=sha256_file(path),
-                    size_bytes=size, layout=layout, inputs=specs[0], outputs=specs[1], metrics=metrics)
+                    size_bytes=size, compressed_bytes=compressed_bytes(path), layout=layout, inputs=specs[0], outputs=specs[1], metrics=metrics)
 
 
 def onnx_specs(path: Path, output_names: list[str] | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
