@@ -176,3 +176,21 @@ def test_samplers_take_the_constraints(tmp_path, kind):
         return 99.0 - 10 * r * r, 1.0 - r, 1.0 - r / 2
     study.optimize(objective, n_trials=8)
     assert study.best_trials and all(t.params["prune.ratio"] >= 0.3 - 1e-9 for t in study.best_trials)
+
+
+def test_a_trial_failed_under_its_worker_does_not_stop_it(tmp_path):
+    """Another worker declared this worker's trial dead (a paused machine): Optuna refuses the
+    late result; the worker says so and goes on with the re-queued retry."""
+    from edgepack.search.study import work
+    study = _study(tmp_path)
+    said = []
+
+    def objective(trial):
+        if trial.number == 0:  # what fail_stale_trials in another worker does
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study._storage.get_heartbeat_stale_trial_callback()(study, study._storage.get_trial(trial._trial_id))
+        return 1.0, 1.0, 1.0
+    work(study, 1, objective, poll_s=0.1, local_storage=True, say=said.append)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["FAIL", "COMPLETE"] and study.get_trials()[1].system_attrs["failed_trial"] == 0
+    assert any("declared dead" in s for s in said)

@@ -205,6 +205,14 @@ def work(study, trials: int, objective, *, poll_s: float, local_storage: bool, s
     """Run trials until the study has `trials` done (counting every worker's)."""
     opt = optuna()
     waited = False
+
+    def guarded(trial):
+        values = objective(trial)
+        # Failed under us by another worker: raise rather than return, which Optuna cannot tell.
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise opt.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished by another worker")
+        return values
+
     while not should_stop():
         if local_storage:
             for n in reap_dead_local(study):
@@ -221,7 +229,11 @@ def work(study, trials: int, objective, *, poll_s: float, local_storage: bool, s
             continue
         waited = False
         try:
-            study.optimize(objective, n_trials=1, catch=(TrialFailed, Surplus), gc_after_trial=False)
-        except opt.exceptions.UpdateFinishedTrialError:
-            say("a trial of this worker was declared dead by another (no heartbeat within the grace period); "
-                "its retry stands instead")
+            study.optimize(guarded, n_trials=1, catch=(TrialFailed, Surplus), gc_after_trial=False)
+        except (opt.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            # Its trial was failed under it (no heartbeat within the grace period, say a paused
+            # machine): Optuna refuses the late result, and the re-queued retry stands instead.
+            if not isinstance(e, opt.exceptions.UpdateFinishedTrialError) and "Cannot tell a" not in str(e):
+                raise
+            say("a trial of this worker was declared dead by another worker (no heartbeat within the grace "
+                "period); its retry stands instead")
