@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     _register_all()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     console.quiet = False  # main() may run many times in one process; `-q` is per invocation
+    debug_before = os.environ.get("EDGEPACK_DEBUG")  # so is --debug: restored when this call ends
     try:
         app(args=argv, standalone_mode=False)
         return 0
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
                       "  rerun with --debug for the traceback, and please report it")
         return 3
+    finally:
+        if debug_before is None:
+            os.environ.pop("EDGEPACK_DEBUG", None)
+        else:
+            os.environ["EDGEPACK_DEBUG"] = debug_before
 
 
 def run() -> None:
