@@ -40,15 +40,11 @@ def _sections(build_dir: Path, m) -> dict:
         sections["tflite"] = f"## TFLite\n\nNot produced: {t['skipped']}\n"
     elif t and "int8" in t:
         sections["tflite"] = tflite_section(t)
-    emu = m.stages.get("emulation")
-    if emu:
-        rows = [[r["artifact"], r["machine"], f"{r['backend']} {r['backend_version']}", r["samples"],
-                 f"{100 * r['top1_agreement']:.2f}", f"{r['max_abs_diff']:.4g}"] for r in emu["results"]]
-        sections["emulation"] = "\n".join([
-            f"## aarch64 (emulated on {emu['device']}) vs x86", "",
-            "The int8 artifacts run on real aarch64 runtimes under qemu on the same inputs as on x86. "
-            "Emulated latency means nothing and is not judged; outputs are real.", "",
-            table(["artifact", "machine", "runtime", "samples", "top-1 agreement %", "max abs diff"], rows), ""])
+    from ..stages import cluster, factorize, fp16
+    for stage in (factorize, cluster, fp16):  # their sections are made from the stage record alone
+        record = m.stages.get(stage.NAME)
+        if record and not isinstance(record.get("skipped"), str):  # a str: the whole stage was skipped
+            sections[stage.NAME] = stage.markdown(record)
     bench = []
     for entry, row in zip(m.bench, bench_results(build_dir, m)):
         if row["result_missing"]:

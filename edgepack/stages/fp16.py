@@ -52,23 +52,24 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
             else:
                 from ..tflite.fp16 import convert_fp16
                 rec = convert_fp16(ctx.work / src, ctx.work / dst)
+            rec["from_bytes"] = (ctx.work / src).stat().st_size
             ctx.store(f"{NAME} ({f})", key, {dst: ctx.work / dst}, rec)
         layout = ctx.profile.layout if f == "tflite" else "NCHW"
         ctx.outputs[dst] = predict(ctx.work / dst, ctx.model, ctx.data.report, ctx.profile.threads, layout)
         record[f] = rec
         record["artifacts"].append([dst, f, "fp16"])
-    ctx.sections[NAME] = section(ctx, record)
+    ctx.sections[NAME] = markdown(record)
     return record
 
 
-def section(ctx: BuildContext, record: dict) -> str:
+def markdown(record: dict) -> str:
+    """The report section, from the stage record alone (`edgepack report` rebuilds it from the manifest)."""
     rows = []
-    for f, src in (("onnx", ONNX32), ("tflite", tflite_stage.FP32)):
+    for f, name in (("onnx", ONNX16), ("tflite", TFLITE16)):
         rec = record.get(f)
         if rec:
-            src_bytes = (ctx.work / src).stat().st_size
+            ratio = f"{rec['from_bytes'] / rec['size_bytes']:.2f}x" if rec.get("from_bytes") else "-"
             kept = ", ".join(rec.get("float32_ops") or []) or "-"
-            rows.append([ONNX16 if f == "onnx" else TFLITE16, rec["converter"], fmt(rec["size_bytes"] / 1e6, 3),
-                         f"{src_bytes / rec['size_bytes']:.2f}x", kept if f == "onnx" else "-"])
+            rows.append([name, rec["converter"], fmt(rec["size_bytes"] / 1e6, 3), ratio, kept if f == "onnx" else "-"])
     return "\n".join(["## fp16", "", table(["artifact", "made with", "size MB", "smaller than fp32 by",
                                              "op types kept in float32"], rows), "", RUNTIME_NOTE, ""])
