@@ -13,9 +13,11 @@ Measurement: the build is a subprocess (the venv's `edgepack build ...`); its pr
 /proc every 0.25 s. Per sample: the sum of RSS over the live tree (counts copy-on-write pages a
 forked child shares with its parent twice: an upper bound), the sum of PSS (shared pages split:
 what the tree really holds), and each process's VmHWM (its own peak, which polling cannot miss).
-The goal is judged on the larger of the polled PSS sum (the tree's real footprint: pages shared by
-a forked child and its parent counted once) and the largest single VmHWM (a peak polling may miss);
-the RSS sum is recorded beside it. Each peak is attributed to the build's last progress line (the
+A third figure counts each page the tree maps once: the build's RSS plus its descendants' private
+pages (USS; what a forked child shares copy-on-write, and the libraries, are the build's own pages
+too). PSS undercounts a little here (library pages are split with unrelated processes on this
+shared machine). The goal is judged on the largest of the PSS sum, the counted-once figure and
+the largest single VmHWM (a peak polling may miss); the RSS sum (an overcount) is recorded beside. Each peak is attributed to the build's last progress line (the
 stage then running).
 
     .venv/bin/python bench/build_memory.py                        # both models, ~30-60 min on 2 cores
@@ -198,17 +200,19 @@ def _tree(root: int) -> list[int]:
 def _proc(pid: int) -> dict | None:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        pss = 0
+        pss = uss = 0
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 pss = int(line.split()[1])
+            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1])
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
     except OSError:
         return None
     kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM"))}
     if "VmRSS" not in kb:  # a zombie
         return None
-    return {"rss": kb["VmRSS"], "hwm": kb.get("VmHWM", 0), "pss": pss, "cmd": cmd}
+    return {"rss": kb["VmRSS"], "hwm": kb.get("VmHWM", 0), "pss": pss, "uss": uss, "cmd": cmd}
 
 
 def run_build(cmd: list[str], env: dict, log) -> dict:
@@ -233,23 +237,32 @@ def run_build(cmd: list[str], env: dict, log) -> dict:
             if i["hwm"] > hwm.get(p, {"hwm": 0})["hwm"]:
                 hwm[p] = {"hwm": i["hwm"], "cmd": i["cmd"], "stage": _stage(lines, t)}
         rss, pss = sum(i["rss"] for i in procs.values()) / 1024, sum(i["pss"] for i in procs.values()) / 1024
-        samples.append([round(t, 2), round(rss), round(pss), len(procs)])
+        # The root's RSS plus its descendants' private pages: each page the tree maps counted once
+        # (a forked child's copy-on-write pages and the libraries are the root's too).
+        once = (procs[proc.pid]["rss"] if proc.pid in procs else 0) / 1024 + \
+            sum(i["uss"] for p, i in procs.items() if p != proc.pid) / 1024
+        samples.append([round(t, 2), round(rss), round(pss), round(once), len(procs)])
         if rss > peak["rss_sum_mb"]:
-            peak = {"rss_sum_mb": round(rss), "pss_sum_mb": round(pss), "t_s": round(t, 1), "stage": _stage(lines, t),
+            peak = {"rss_sum_mb": round(rss), "pss_sum_mb": round(pss), "root_rss_plus_children_uss_mb": round(once),
+                    "t_s": round(t, 1), "stage": _stage(lines, t),
                     "processes": sorted(({"pid": p, "rss_mb": round(i["rss"] / 1024), "pss_mb": round(i["pss"] / 1024),
-                                          "cmd": i["cmd"]} for p, i in procs.items()), key=lambda d: -d["rss_mb"])}
+                                          "uss_mb": round(i["uss"] / 1024), "cmd": i["cmd"]}
+                                         for p, i in procs.items()), key=lambda d: -d["rss_mb"])}
         time.sleep(POLL_S)
     proc.wait()
     time.sleep(0.5)
     seconds = time.monotonic() - t0
-    pss_peak = max(samples, key=lambda s: s[2]) if samples else [0, 0, 0, 0]
+    pss_peak = max(samples, key=lambda s: s[2]) if samples else [0, 0, 0, 0, 0]
+    once_peak = max(samples, key=lambda s: s[3]) if samples else [0, 0, 0, 0, 0]
     top = sorted(({"pid": p, "vmhwm_mb": round(h["hwm"] / 1024), "cmd": h["cmd"], "stage_at_peak": h["stage"]}
                   for p, h in hwm.items()), key=lambda d: -d["vmhwm_mb"])
     every = max(1, len(samples) // 200)
     return {"returncode": proc.returncode, "seconds": round(seconds, 1), "peak_rss_sum": peak,
             "peak_pss_sum_mb": pss_peak[2], "peak_pss_at_s": pss_peak[0], "peak_pss_stage": _stage(lines, pss_peak[0]),
+            "peak_counted_once_mb": once_peak[3], "peak_counted_once_at_s": once_peak[0],
+            "peak_counted_once_stage": _stage(lines, once_peak[0]),
             "largest_process_vmhwm": top[:6], "processes_seen": len(hwm),
-            "timeline_cols": ["t_s", "rss_sum_mb", "pss_sum_mb", "processes"], "timeline": samples[::every],
+            "timeline_cols": ["t_s", "rss_sum_mb", "pss_sum_mb", "root_rss_plus_children_uss_mb", "processes"], "timeline": samples[::every],
             "progress": [[round(t, 1), _plain(s)] for t, s in lines if s.strip()], "stdout": out[0] if out else ""}
 
 
@@ -314,11 +327,12 @@ def bench_model(name: str, args, log) -> dict:
 def judge(res: dict) -> dict:
     """The figure the goal is judged on (see the module docstring) and whether it is met: only
     when the build finished (exit 0, or 1 for the unreachable quality budgets) and both fallbacks ran."""
-    judged = max(res["peak_pss_sum_mb"], *(p["vmhwm_mb"] for p in res["largest_process_vmhwm"][:1]), 0)
+    judged = max(res["peak_pss_sum_mb"], res.get("peak_counted_once_mb", 0),
+                 *(p["vmhwm_mb"] for p in res["largest_process_vmhwm"][:1]), 0)
     ran = res.get("ran") or {}
     both = bool(ran.get("onnx_fallback_ran") and ran.get("tflite_fallback_ran"))
     goal = GOALS_MB[res["model"]]
-    res.update(judged_peak_mb=judged, judged_on="max(peak PSS sum of the tree, largest process VmHWM)", goal_mb=goal,
+    res.update(judged_peak_mb=judged, judged_on="max(peak PSS sum of the tree, peak of root RSS + descendants' private pages, largest process VmHWM)", goal_mb=goal,
                met=res["returncode"] in (0, 1) and both and judged <= goal,
                note=None if both else "a fallback did not run: the goal is not judged met")
     res["progress"] = [[t, _plain(s)] for t, s in res.get("progress", []) if s.strip()]

@@ -25,10 +25,10 @@ from ..data import Dataset
 from ..errors import EdgepackError
 from ..targets import Quantization
 from .calibrate import DatasetReader, calibrate
-from .sensitivity import WEIGHTED_OPS, node_sensitivity
+from .sensitivity import WEIGHTED_OPS, node_sensitivity, release_heap
 
 __all__ = ["WEIGHTED_OPS", "DatasetReader", "calibration_ranges", "check_calibration_data",
-           "node_sensitivity", "preprocess", "quantize_onnx"]
+           "node_sensitivity", "preprocess", "quantize_onnx", "release_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calib: Dataset, q: Quantizat
             raise EdgepackError(f"int8 quantization of {fp32_path.name} failed: {type(e).__name__}: {e}",
                                 "try another calibration method in the target profile, or rerun with --debug") from e
         tmp_out.replace(int8_path)
+    release_heap()  # ORT's quantizer holds the model as protobuf several times over
     return {"seconds": round(time.perf_counter() - t0, 2), "calibration_samples": len(rows),
             "method": q.calibration_method, "calibrator": calibrator, "activation_type": q.activation_type,
             "weight_type": q.weight_type, "per_channel": q.per_channel,

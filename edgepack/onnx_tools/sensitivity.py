@@ -8,6 +8,8 @@ signal energy and noise energy; its SQNR over all samples is the same number qdq
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import tempfile
 from pathlib import Path
@@ -73,6 +75,20 @@ def tensor_sqnr(fp32_path: Path, int8_path: Path, data: Dataset, tensors: dict[s
     return {n: 20 * math.log10(max(math.sqrt(signal[n]), _EPS) / max(math.sqrt(noise[n]), _EPS)) for n in names}
 
 
+def release_heap() -> None:
+    """Hand the heap that freed models and activations leave behind back to the OS.
+
+    glibc keeps freed memory for reuse (its mmap threshold grows to 32 MB once large arrays are
+    freed, so later activations come from the heap and stay there). A build forks its TFLite
+    children after the ONNX stage: every page the parent still holds then counts in both
+    (bench/build_memory.py). malloc_trim(0) returns the free pages; elsewhere this is a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        pass
+
+
 def node_sensitivity(fp32_path: Path, int8_path: Path, data: Dataset, samples: int = 32,
                      budget_mb: float = BUDGET_MB) -> list[dict]:
     """Rank weighted nodes by the signal-to-quantization-noise (dB) each one loses, worst first:
@@ -84,8 +100,9 @@ def node_sensitivity(fp32_path: Path, int8_path: Path, data: Dataset, samples: i
     needed = {out for _, out in weighted} | {i for node, _ in weighted for i in node.input if i in matched}
     if not needed:
         return []
-    return rank_nodes(graph, tensor_sqnr(fp32_path, int8_path, data, {t: matched[t] for t in sorted(needed)},
-                                         samples, budget_mb))
+    sqnr = tensor_sqnr(fp32_path, int8_path, data, {t: matched[t] for t in sorted(needed)}, samples, budget_mb)
+    release_heap()  # the two sessions' activations
+    return rank_nodes(graph, sqnr)
 
 
 def rank_nodes(graph: onnx.GraphProto, sqnr: dict[str, float]) -> list[dict]:
