@@ -277,3 +277,21 @@ def test_fallback_keeps_the_original_when_nothing_beats_it(task, converted, tmp_
     assert len({tuple(t["ops"]) for t in rec["tried"]}) == len(counts)  # each set tried once
     assert sha256_file(int8) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.tflite"]
+
+
+def test_mixed_fallback_keeps_the_sensitive_ops_in_fp16(task, converted, tmp_path):
+    """The mixed int8/fp16 mode: the ops the fallback keeps out of int8 get fp16 weights
+    (DEQUANTIZE from float16 tensors) instead of float32 ones, and the budget still holds."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    int8 = tmp_path / "model.int8.tflite"
+    shutil.copy(converted["int8"], int8)
+    misses, _ = budget_check(task, converted, task["choose"])
+    rec = fallback(converted["fp32"], int8, [task["calib"]], misses, max_float_ops=8, float_precision="fp16")
+    assert rec is not None and rec["met_budget"] and rec["float_precision"] == "fp16", rec
+    assert [(f["module"], f["precision"]) for f in rec["float_ops"]] == [(SENSITIVE, "fp16"), (READER, "fp16")]
+    half = [t for t in Interpreter(model_path=str(int8)).get_tensor_details() if t["dtype"] == np.float16]
+    assert half, "no float16 weight tensor in the mixed model"
+    assert not misses(int8)[0]
+    x, y = task["x"][task["report"]], task["y"][task["report"]]
+    assert accuracy(int8, x, y) >= accuracy(converted["fp32"], x, y) - 2 * BUDGET

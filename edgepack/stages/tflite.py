@@ -36,6 +36,9 @@ class Config(BaseModel):
     # The accuracy-aware fallback (ai-edge-quantizer, ops left float) aims at these budgets.
     fallback: bool = True
     max_float_ops: int = 8
+    # "fp16" (a profile listing fp16, or [compress.fp16] mixed = true): the ops the fallback keeps out
+    # of int8 get fp16 weights, the mixed int8/fp16 mode; "fp32": they stay float32.
+    float_precision: str = "fp32"
     max_accuracy_drop: float | None = None
     min_sqnr_db: float | None = None
 
@@ -52,7 +55,8 @@ def config(ctx: BuildContext) -> Config | None:
     b = ctx.profile.budgets
     return Config(layout=ctx.profile.layout, calibration_samples=n_cal, optional=ctx.profile.tflite_optional,
                   inputs=[s.model_dump() for s in ctx.model.inputs], fallback=ctx.cfg.fallback,
-                  max_float_ops=ctx.cfg.max_float_nodes, max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db)
+                  max_float_ops=ctx.cfg.max_float_nodes, max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
+                  float_precision=_float_precision(ctx))
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
@@ -102,6 +106,7 @@ def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     if cfg.fallback:
         fb = _isolated(lambda: tflite.fallback(ctx.work / FP32, ctx.work / INT8, calib, _misses(ctx, cfg),
                                                max_float_ops=cfg.max_float_ops, layout=cfg.layout,
+                                               float_precision=cfg.float_precision,
                                                threads=ctx.profile.threads, say=ctx.say, **names), "the TFLite fallback")
         if isinstance(fb, str):
             ctx.say(f"warning: {fb}")
@@ -145,6 +150,13 @@ def _isolated(fn, what: str):
     return f"{what} was skipped: {why}"
 
 
+def _float_precision(ctx: BuildContext) -> str:
+    mixed = ((ctx.cfg.compress or {}).get("fp16") or {}).get("mixed")
+    if mixed is None:
+        mixed = "fp16" in ctx.profile.precisions
+    return "fp16" if mixed else "fp32"
+
+
 def _misses(ctx: BuildContext, cfg: Config):
     """Whether an int8 .tflite misses a quality budget on the samples set aside to choose with."""
     m, choose = ctx.model, ctx.data.choose
@@ -185,7 +197,8 @@ def section(stage: dict) -> str:
     lines.append(table(["artifact", "layout", "convert s", "ops", "QUANTIZE", "DEQUANTIZE", "float ops left in graph"], rows))
     fb = stage.get("fallback")
     if fb:
-        kept = ", ".join(f"`{o.get('module') or o.get('name')}`" for o in fb.get("float_ops", [])) or "none"
+        kept = ", ".join(f"`{o.get('module') or o.get('name')}`" + (f" ({o['precision']})" if o.get('precision') else "")
+                         for o in fb.get("float_ops", [])) or "none"
         lines += ["", "### TFLite accuracy-aware fallback", "",
                   f"{fb.get('route', 'ai-edge-quantizer')}: int8 drop {fb.get('initial_drop')} missed a quality budget on "
                   f"the choosing samples; after leaving ops in float the drop is {fb.get('final_drop')} "

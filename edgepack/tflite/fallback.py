@@ -25,6 +25,7 @@ from ..manifest import sha256_file
 from ._isolate import tmp_path_for
 from ._quiet import quiet_native
 from .convert import _named
+from .fp16 import FP16_OPS, fp16_recipe
 from .inspect import inspect_tflite, read_io
 from .validate import _cast, _to_layout, run_tflite
 from .sensitivity import CONVERSION_OPS, MOVEMENT_OPS, graph_ops, module_of, pair_tensors, rank_ops
@@ -33,6 +34,7 @@ SCHEME = ("ai-edge-quantizer static: per-channel symmetric int8 weights, per-ten
           "activations (ranges taken from the int8 artifact where its tensors match, else min/max "
           "calibration), int8 inputs/outputs; listed ops in float")
 SCOPE_MAX = 10000  # ai-edge-quantizer truncates an op's scope string to this many characters
+ADOPT_MARGIN_DB = 3.0  # adopted ranges that lose more output SQNR than this against their source are dropped
 
 
 def _aeq():
@@ -68,8 +70,11 @@ class Int8Quantizer:
 
     def __init__(self, fp32_tflite: Path, calib_arrays, layout: str = "NCHW", threads: int = 1,
                  input_names: list[str] | None = None, output_names: list[str] | None = None,
-                 ranges_from: Path | None = None):
+                 ranges_from: Path | None = None, float_precision: str = "fp32"):
         self.fp32, self.layout, self.threads = Path(fp32_tflite), layout, int(threads)
+        # "fp16": the ops kept out of int8 get fp16 weights where ai-edge-quantizer can cast them
+        # (the mixed int8/fp16 mode); "fp32": they stay as in the float model.
+        self.float_precision = float_precision
         self.ranges_from = None if ranges_from is None else Path(ranges_from)
         self.ranges = "ai-edge-quantizer min/max (moving average)"
         self.names = (input_names, output_names)
@@ -193,8 +198,13 @@ class Int8Quantizer:
                 warnings.simplefilter("ignore")
                 q = quantizer.Quantizer(str(self.fp32), recipe.static_wi8_ai8())
                 for c in chosen:
-                    q.update_quantization_recipe(self._scope_regex(c["index"]), "*",
-                                                 algorithm_key=algorithms.NO_QUANTIZE)
+                    if self.float_precision == "fp16" and c["op"] in FP16_OPS:
+                        fp16_recipe(q, self._scope_regex(c["index"]), ops=[c["op"]])
+                        c["precision"] = "fp16"
+                    else:
+                        q.update_quantization_recipe(self._scope_regex(c["index"]), "*",
+                                                     algorithm_key=algorithms.NO_QUANTIZE)
+                        c["precision"] = "fp32"
                 result = q.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
             tmp.write_bytes(bytes(result.quantized_model))
             tmp.replace(out)
@@ -208,7 +218,7 @@ class Int8Quantizer:
             tmp.unlink(missing_ok=True)
         info = inspect_tflite(out, self.layout)
         notes = [f"{len(chosen)} op(s) kept in float: "
-                 + ", ".join(f"{c['module']} ({c['op']})" for c in chosen)
+                 + ", ".join(f"{c['module']} ({c['op']}, {c['precision']})" for c in chosen)
                  + "; each costs a dequantize/quantize round trip on the device"] if chosen else []
         # Keys as in a conversion record (convert._record), so the build can swap this one in.
         return {"path": str(out), "format": "tflite", "precision": "int8", "layout": self.layout,
@@ -279,7 +289,8 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
              misses: Callable[[Path], tuple[bool, float | None]], max_float_ops: int = 8,
              layout: str = "NCHW", threads: int = 1, rank_samples: int = 32,
              say: Callable[[str], None] | None = None, input_names: list[str] | None = None,
-             output_names: list[str] | None = None, adopt_ranges: bool = True) -> dict | None:
+             output_names: list[str] | None = None, adopt_ranges: bool = True,
+             float_precision: str = "fp32") -> dict | None:
     """None when `misses(int8_tflite)` says the artifact holds its budgets. Otherwise quantize
     the float model with ai-edge-quantizer (activation ranges adopted from `int8_tflite` where
     its tensors match, see `Int8Quantizer._adopt_ranges`), rank its ops by the SQNR int8 costs
@@ -287,7 +298,8 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
     `max_float_ops`), stopping at the first model `misses` accepts. `int8_tflite` is replaced
     atomically by that model; when none is accepted, by the best one only if it is no worse
     than the original in both drop and output SQNR (a slower model that still misses is no
-    gain). `misses(path) -> (missed, drop)` is the build's budget check."""
+    gain). `misses(path) -> (missed, drop)` is the build's budget check. `float_precision="fp16"`
+    keeps those ops' weights in fp16 instead of fp32 (the mixed int8/fp16 mode)."""
     say = say or (lambda _msg: None)
     int8_tflite = Path(int8_tflite)
     missed, first = misses(int8_tflite)
@@ -296,7 +308,7 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
     t0 = time.perf_counter()
     arrays = _arrays(calib)
     q = Int8Quantizer(fp32_tflite, arrays, layout, threads, input_names, output_names,
-                      ranges_from=int8_tflite if adopt_ranges else None)
+                      ranges_from=int8_tflite if adopt_ranges else None, float_precision=float_precision)
     probe = [a[:rank_samples] for a in arrays]
     with quiet_native():
         reference = run_tflite(fp32_tflite, probe, layout)
@@ -305,6 +317,7 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
     record = {"initial_drop": _round(first),
               "initial_output_sqnr_db": _sqnr_vs(reference, int8_tflite, probe, layout),
               "route": route(), "scheme": SCHEME, "tried": [], "applies_to": int8_tflite.name,
+              "float_precision": float_precision,
               "output_sqnr_on": f"{len(probe[0])} calibration samples, against "
                                 f"{Path(fp32_tflite).name}"}
     original = {"missed": True, "drop": first, "sqnr": record["initial_output_sqnr_db"],
@@ -316,6 +329,16 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
         base = int8_tflite.with_name(f".{int8_tflite.stem}.fallback0-{tag}.tflite")
         made.append(base)
         rec0 = q.quantize(base)
+        base_sqnr = _sqnr_vs(reference, base, probe, layout)
+        initial = record["initial_output_sqnr_db"]
+        if q.ranges_from is not None and None not in (base_sqnr, initial) and base_sqnr < initial - ADOPT_MARGIN_DB:
+            # The adopted ranges made it worse than the artifact they came from: tensors paired
+            # wrongly, or ranges that mean something else there (seen on a ConvNeXt-T-style model:
+            # 0.28 dB, where ai-edge-quantizer's own min/max gave 18.4). Calibrate its own instead.
+            rejected = f"{q.ranges} gave {base_sqnr} dB output SQNR against {initial} dB: not used"
+            q.ranges_from, q._qsvs = None, None
+            rec0 = q.quantize(base)
+            record["adopted_ranges_rejected"] = rejected
         record["activation_ranges"] = q.ranges
         ranking = rank_ops(fp32_tflite, base, arrays, layout, rank_samples, threads)
         record["ranking"] = ranking[:15]
