@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import EdgepackError
 
-Importance = Literal["l1", "l2", "bn_scale", "taylor", "random"]
+Importance = Literal["l1", "l2", "bn_scale", "taylor", "entropy", "random"]
 
 
 class FinetuneConfig(BaseModel):
@@ -25,6 +25,19 @@ class FinetuneConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads while fine-tuning; default: torch's choice")
 
 
+class SparsityTrainingConfig(BaseModel):
+    """Sparsity training before pruning (network slimming, Liu et al. 2017): fine-tuning with an
+    L1 penalty on BatchNorm scales (`on = "bn_scale"`) or a group-norm penalty on whole channel
+    groups (`on = "group_norm"`), torch-pruning's BNScalePruner / GroupNormPruner `regularize`
+    hooks, so the channels it drives to zero are the ones pruned (importance bn_scale / l2)."""
+    model_config = ConfigDict(extra="forbid")
+
+    l1: float = Field(1e-4, gt=0, description="penalty coefficient added to the gradients each step")
+    epochs: int = Field(2, ge=1, description="sparsity-training epochs before pruning")
+    on: Literal["bn_scale", "group_norm"] = "bn_scale"
+    lr: float | None = Field(None, gt=0, description="default: the fine-tuning lr")
+
+
 class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +50,8 @@ class PruneConfig(BaseModel):
     round_to: int | None = Field(None, ge=1, description="channel multiple; default: target simd_width")
     iterative_steps: int = Field(1, ge=1)
     taylor_batches: int = Field(4, ge=1, description="labelled batches used to estimate Taylor importance")
+    entropy_batches: int = Field(4, ge=1, description="batches whose activations rank channels by entropy")
+    sparsity: SparsityTrainingConfig | None = Field(None, description="sparsity training before pruning")
     max_ratio: float = Field(0.9, gt=0, lt=1, description="upper bound of the ratio search")
     max_memory_mb: int | None = Field(None, ge=1, description="resident memory (MB) the process may reach while "
                                       "pruning; default: its size at the start plus 3/4 of the memory available")

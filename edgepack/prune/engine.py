@@ -25,6 +25,7 @@ from ..progress import reporter_and_events
 from .config import PruneConfig
 from .graph import GroupUndo, exact_reshapes, out_layers, reaches_output
 from .guard import ResourceGuard, ResourceLimit, rss_mb
+from .importance import make_importance, ranking_batches
 from .keep import attention_projections, output_layers, resolve_layers
 from .measure import attention_heads, count_macs_params, flat_tensors, layer_widths, macs_params_outputs
 from .record import LayerChange, PruneRecord
@@ -48,16 +49,6 @@ class UnprunableModel(EdgepackError):
 
 def _tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def make_importance(name: str):
-    return {
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "bn_scale": tp.importance.BNScaleImportance,
-        "taylor": tp.importance.GroupTaylorImportance,
-        "random": tp.importance.RandomImportance,
-    }[name]()
 
 
 class _Pruner(tp.pruner.BasePruner):
@@ -172,6 +163,8 @@ class ChannelPruner:
         self.model.eval()
         if self.cfg.importance == "taylor":
             self._accumulate_gradients(taylor_batches)
+        elif self.cfg.importance == "entropy":  # the activations of the model as it is now
+            self.pruner.importance.record(self.model, taylor_batches)
         self.steps_done += 1
         where = f"step {self.steps_done}/{self.cfg.iterative_steps}"
         self._step(f"ranking channels ({where})")
@@ -356,7 +349,7 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
     if ratio is None or not 0 < ratio < 1:
         raise EdgepackError(f"pruning ratio must be strictly between 0 and 1, got {ratio}",
                             "e.g. ratio 0.5 removes half of each layer's channels")
-    batches = _taylor_batches(train, cfg) if cfg.importance == "taylor" else None
+    batches = ranking_batches(train, cfg)
     guard = ResourceGuard(cfg.max_memory_mb, cfg.max_prune_minutes)
     name = type(model).__name__
     try:
@@ -390,14 +383,3 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
     record.prune_seconds = round(guard.seconds, 2)
     return pruned.eval(), record
 
-
-def _taylor_batches(train, cfg: PruneConfig):
-    from .finetune import input_arrays
-    if train is None or not getattr(train, "class_labels", train.labelled):
-        return None
-    batches = []
-    for j in train.batch_indices(cfg.finetune.batch_size, shuffle=True, seed=cfg.finetune.seed):
-        batches.append((input_arrays(train, j), train.y[j]))
-        if len(batches) == cfg.taylor_batches:
-            break
-    return batches

@@ -127,11 +127,14 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module |
 
 def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
-             deadline: float | None = None, label: str = "fine-tune") -> dict:
+             deadline: float | None = None, label: str = "fine-tune",
+             regularize: Callable[[nn.Module], None] | None = None) -> dict:
     """Fine-tune `student` in place; returns a JSON-able summary (also when skipped, with the
     reason in `warnings`). `deadline` (time.monotonic() value) caps this run in addition to
     cfg.max_minutes, so iterative pruning can share one time budget. `label` names the
-    progress tasks ("fine-tune epoch 2/5")."""
+    progress tasks ("fine-tune epoch 2/5"). `regularize(student)` runs after each backward pass,
+    before the optimizer step: a sparsity penalty added to the gradients (torch-pruning's
+    `pruner.regularize`, network slimming)."""
     distill = cfg.distill and teacher is not None
     summary = {"distill": distill, "epochs_run": 0, "seconds": 0.0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": None, "eval_acc_after": None, "best_epoch": None, "stopped": None,
@@ -145,13 +148,13 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary, label)
+        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary, label, regularize)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadline, distill: bool,
-           summary: dict, label: str) -> dict:
+           summary: dict, label: str, regularize=None) -> dict:
     start = time.monotonic()
     bars, events = reporter_and_events(progress)
     if cfg.max_minutes is not None:
@@ -176,7 +179,7 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     for epoch in range(1, cfg.epochs + 1):
         with bars.task(f"{label} epoch {epoch}/{cfg.epochs}", total=batches) as bar:
             acc = _epoch(student, teacher, train, eval, cfg, epoch, opt, sched, objective, cached, deadline, summary,
-                         bar)
+                         bar, regularize)
         summary["epochs_run"] = epoch
         summary["eval_acc"].append(acc)
         if events is not None:
@@ -199,7 +202,7 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
 
 
 def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, sched, objective, cached,
-           deadline, summary: dict, bar) -> float | None:
+           deadline, summary: dict, bar, regularize=None) -> float | None:
     """One epoch over `train` (`bar` counts its batches, with the running loss), then the eval figure."""
     student.train()
     class_ids, title = has_class_ids(train), bar.description
@@ -220,6 +223,8 @@ def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, 
         loss = objective.loss(outputs, soft, labels, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if regularize is not None:
+            regularize(student)
         opt.step()
         sched.step()
         losses.append(loss.item())

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Callable
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from ..progress import reporter_and_events
 from .config import PruneConfig
 from .engine import _tuple, prune_model
 from .finetune import evaluate, finetune, has_class_ids
-from .latency import search_latency_ratio
+from .latency import ratio_for_macs, search_latency_ratio
 from .measure import count_macs_params, flat_tensors
 from .record import PruneRecord
 
@@ -36,7 +38,8 @@ def run_prune_stage(model: nn.Module, example_inputs, cfg: PruneConfig, profile,
     calib = train if train is not None else eval
     search = []
     if cfg.to_latency:
-        ratio, search = search_latency_ratio(model, example_inputs, profile, cfg, calib, progress=progress)
+        ratio, search = search_latency_ratio(model, example_inputs, profile, search_config(cfg), calib,
+                                             progress=progress)
         if ratio == 0.0:
             return model, unpruned_record(model, example_inputs, cfg, search, profile)
         requested = {"latency_p50_ms": profile.budgets.latency_p50_ms}
@@ -77,16 +80,71 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
     if events is not None:
         goal = ratio if ratio is not None else cfg.ratio
         events({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
-    pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=train,
+    slimming = None
+    if cfg.sparsity is not None:  # network slimming: the penalty drives channels to zero, pruning removes them
+        model, slimming = sparsity_train(model, example_inputs, cfg, teacher, train, bars)
+    ranking_data = train if train is not None or cfg.importance != "entropy" else eval
+    requested = None
+    if ratio is None and cfg.macs_target is not None and cfg.importance == "entropy":
+        # the search's candidates get no data: their channel counts come from l2 (per-layer pruning
+        # keeps the same counts whatever ranks the channels), and the ratio found is applied here
+        ratio = ratio_for_macs(model, example_inputs, search_config(cfg), cfg.macs_target, round_to, progress)
+        requested = {"macs_target": cfg.macs_target}
+    pruned, record = prune_model(model, example_inputs, cfg, ratio=ratio, round_to=round_to, train=ranking_data,
                                  between_steps=tune, progress=progress)
+    if requested:
+        record.requested = requested
     acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None
     tune(steps - 1, pruned)
-    record.finetune = summaries
+    record.finetune = ([slimming] if slimming else []) + summaries
     record.warnings += list(dict.fromkeys(w for s in summaries for w in s.pop("warnings")))
     record.accuracy = {"metric": _metric(eval), "before": acc_before, "pruned": acc_pruned,
                        "finetuned": evaluate(pruned, eval, ft.batch_size, teacher),
                        "seconds": round(time.monotonic() - start, 2)}
     return pruned, record
+
+
+def search_config(cfg: PruneConfig) -> PruneConfig:
+    """The config a ratio search prunes its candidates with: entropy needs activations the
+    search does not pass, so its candidates rank by l2 (the same per-layer channel counts)."""
+    return cfg.model_copy(update={"importance": "l2"}) if cfg.importance == "entropy" else cfg
+
+
+def sparsity_train(model: nn.Module, example_inputs, cfg: PruneConfig, teacher: nn.Module | None, train,
+                   progress=None) -> tuple[nn.Module, dict]:
+    """Sparsity training (cfg.sparsity) of a copy of `model`: distillation fine-tuning with
+    torch-pruning's sparse-training hook added to the gradients each step (BNScalePruner:
+    l1 * sign(gamma) on every BatchNorm scale; GroupNormPruner: a group-lasso on each channel
+    group). The last epoch is kept (the best eval epoch would be the least sparse). Returns the
+    model and the run's summary, with the BatchNorm scales before and after."""
+    sp = cfg.sparsity
+    student = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if sp.on == "bn_scale":
+            pruner = tp.pruner.BNScalePruner(student, example_inputs, tp.importance.BNScaleImportance(), reg=sp.l1)
+        else:
+            pruner = tp.pruner.GroupNormPruner(student, example_inputs, tp.importance.GroupMagnitudeImportance(p=2),
+                                               reg=sp.l1)
+    before = bn_scale_summary(student)
+    ft = cfg.finetune.model_copy(update={"epochs": sp.epochs, "patience": None, "max_minutes": None,
+                                         "lr": sp.lr or cfg.finetune.lr})
+    summary = finetune(student, teacher, train, None, ft, progress, label="sparsity training",
+                       regularize=pruner.regularize)
+    summary.update(phase="sparsity training", penalty=sp.on, l1=sp.l1, bn_scales_before=before,
+                   bn_scales_after=bn_scale_summary(student))
+    return student.eval(), summary
+
+
+def bn_scale_summary(model: nn.Module, small: float = 1e-2) -> dict | None:
+    """Mean |gamma| of the model's BatchNorm scales and the fraction below `small`."""
+    scales = [m.weight.detach().abs().flatten() for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    if not scales:
+        return None
+    g = torch.cat(scales)
+    return {"count": int(g.numel()), "mean_abs": round(float(g.mean()), 5),
+            f"fraction_below_{small:g}": round(float((g < small).float().mean()), 4)}
 
 
 def unpruned_record(model: nn.Module, example_inputs, cfg: PruneConfig, search: list[dict], profile) -> PruneRecord:

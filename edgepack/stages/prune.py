@@ -44,6 +44,9 @@ def run(ctx: BuildContext, pcfg) -> dict:
         say("warning: no --train data: pruning without fine-tuning, accuracy will drop")
     goal = "the latency budget" if pcfg.to_latency else (f"ratio {pcfg.ratio}" if pcfg.ratio else f"MACs {pcfg.macs_target}")
     say(f"pruning channels to {goal} ({pcfg.importance} importance, round to {pcfg.round_to or profile.simd_width})")
+    if pcfg.sparsity is not None:
+        sp = pcfg.sparsity
+        say(f"sparsity training first (network slimming): {sp.epochs} epoch(s), {sp.on} penalty {sp.l1:g}")
     try:
         module, record = run_prune_stage(loaded.module, loaded.example_inputs(), pcfg, profile,
                                          train=train, eval=choose, progress=ctx.progress)
@@ -59,8 +62,20 @@ def run(ctx: BuildContext, pcfg) -> dict:
     tuned = f"; {acc['metric']} {_pct(acc.get('before'))} -> {_pct(acc.get('finetuned'))}" if acc.get("metric") else ""
     say(f"pruned: MACs {record.macs_before:,} -> {record.macs_after:,} ({record.macs_reduction:.2f}x fewer){tuned}")
     ctx.model = replace(loaded, module=module.eval())
-    ctx.sections[NAME] = record.markdown()
+    ctx.sections[NAME] = record.markdown() + slimming_markdown(record)
     return {**record.to_dict(), "early_stop_on": f"{len(choose)} choosing samples"}
+
+
+def slimming_markdown(record) -> str:
+    """The sparsity-training run's line (the first fine-tuning summary, when there was one)."""
+    runs = [f for f in record.finetune if f.get("phase") == "sparsity training"]
+    if not runs:
+        return ""
+    r, before, after = runs[0], runs[0].get("bn_scales_before") or {}, runs[0].get("bn_scales_after") or {}
+    scales = (f"; BatchNorm scales mean |gamma| {before.get('mean_abs')} -> {after.get('mean_abs')}, "
+              f"{100 * after.get('fraction_below_0.01', 0):.1f}% below 0.01" if after else "")
+    return (f"\nSparsity training before pruning (network slimming): {r['penalty']} penalty {r['l1']:g}, "
+            f"{r['epochs_run']} epoch(s) in {r['seconds']:.1f} s{scales}.\n")
 
 
 def _pct(v) -> str:
