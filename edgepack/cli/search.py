@@ -7,9 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from . import console, emit_json, out, stdout_to_stderr
+from . import emit_json, out, reporter, stdout_to_stderr
 from .build import _parse_budgets, _parse_shapes
-from .progress import elapsed_printer
 from ..errors import BudgetNotMet, EdgepackError
 
 
@@ -116,7 +115,7 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             raise EdgepackError(f"invalid search options: {e}") from e
         with stdout_to_stderr(as_json):
-            result = search(cfg, scfg, progress=elapsed_printer(quiet or console.quiet))
+            result = search(cfg, scfg, progress=reporter(quiet, as_json))
         if as_json:
             emit_json(result.to_dict())
         elif not quiet:

@@ -18,6 +18,7 @@ from ..config import BuildConfig
 from ..devices import get_device, load_inventory
 from ..errors import EdgepackError
 from ..pipeline import resolve_profile
+from ..progress import as_progress
 from ..targets import normalize_arch
 from . import results as res
 from . import space as sp
@@ -50,7 +51,8 @@ def search(build_cfg: BuildConfig, scfg: SearchConfig, progress: Say | None = No
     """Run (or resume, or join) the study until it has `scfg.trials` trials, then write the trial
     table, the trade-off plot and the best build. Raises EdgepackError for bad input; trials
     that fail are recorded with their reason and the search goes on."""
-    say = progress or (lambda msg: None)
+    reporter = as_progress(progress)  # None, a callable(str) or a Progress (bars on a terminal)
+    say = reporter
     profile = resolve_profile(build_cfg)
     space = sp.resolve_space(scfg.space or build_cfg.search, profile, build_cfg)
     if not sp.searched(space):
@@ -76,10 +78,13 @@ def search(build_cfg: BuildConfig, scfg: SearchConfig, progress: Say | None = No
     open_study(study_name, open_storage(url, scfg.heartbeat_s, scfg.grace_s, scfg.max_retry), None, meta)
     if len(devices) <= 1:
         from .worker import run_worker
-        run_worker({**spec, "device": devices[0] if devices else None}, say)
+        with reporter.task("search trials", total=scfg.trials) as bar:
+            run_worker({**spec, "device": devices[0] if devices else None}, say,
+                       on_done=lambda n: bar.update(completed=n))
     else:
         from .worker import run_fleet
-        notes += run_fleet(spec, devices, sdir, say)
+        with reporter.task(f"search trials on {len(devices)} devices (their lines follow)"):
+            notes += run_fleet(spec, devices, sdir, say)
     return finalize(study_name, url, profile.name, scfg, sdir, note, say, notes=notes)
 
 

@@ -201,8 +201,10 @@ class Surplus(Exception):
     """A trial asked for after the study had its count: it gives way, it is not run."""
 
 
-def work(study, trials: int, objective, *, poll_s: float, local_storage: bool, say, should_stop=lambda: False) -> None:
-    """Run trials until the study has `trials` done (counting every worker's)."""
+def work(study, trials: int, objective, *, poll_s: float, local_storage: bool, say, should_stop=lambda: False,
+         on_done=None) -> None:
+    """Run trials until the study has `trials` done (counting every worker's); `on_done(n)` hears
+    the study's count of trials done before each new one (the progress bar)."""
     opt = optuna()
     waited = False
 
@@ -219,6 +221,8 @@ def work(study, trials: int, objective, *, poll_s: float, local_storage: bool, s
                 say(f"trial {n}: its worker process is gone; re-queued")
         opt.storages.fail_stale_trials(study)
         t = tally(study)
+        if on_done is not None:
+            on_done(t.done)
         if t.done >= trials:
             return
         if t.waiting == 0 and t.done + t.running >= trials:

@@ -22,8 +22,9 @@ from .study import make_sampler, open_storage, open_study, work
 DEVICE_FAILURES_IN_A_ROW = 2  # then the worker gives its device up; the other workers go on
 
 
-def run_worker(spec: dict, say) -> int:
-    """Run trials on spec["device"] (None: this host). Returns the trials this worker finished."""
+def run_worker(spec: dict, say, on_done=None) -> int:
+    """Run trials on spec["device"] (None: this host). Returns the trials this worker finished.
+    `on_done(n)`: the study's count of trials done, each time it is read."""
     cfg = BuildConfig.model_validate(spec["build"])
     scfg = SearchConfig.model_validate(spec["search"])
     profile = resolve_profile(cfg)
@@ -35,7 +36,7 @@ def run_worker(spec: dict, say) -> int:
     runner = TrialRunner(cfg, profile, spec["space"], scfg.trials, Path(spec["search_dir"]), scfg.trial_minutes,
                          spec.get("device"), say)
     work(study, scfg.trials, runner, poll_s=scfg.poll_s, local_storage=is_sqlite(spec["url"]), say=say,
-         should_stop=lambda: runner.device_failures >= DEVICE_FAILURES_IN_A_ROW)
+         should_stop=lambda: runner.device_failures >= DEVICE_FAILURES_IN_A_ROW, on_done=on_done)
     if runner.device_failures >= DEVICE_FAILURES_IN_A_ROW:
         say(f"device {spec.get('device')} failed {runner.device_failures} trials in a row: this worker stops, "
             "the others go on")
