@@ -62,7 +62,7 @@ def prune_row(name: str, importance: str, teacher, task, args) -> dict:
     options = {"macs_target": 0.5, "importance": "bn_scale" if importance == "slimming" else importance,
                "round_to": 8, "finetune": {"epochs": args.ft_epochs, "patience": None, "seed": 0, "threads": 1}}
     if importance == "slimming":
-        options["sparsity"] = {"l1": args.slim_l1, "epochs": args.slim_epochs, "on": "bn_scale"}
+        options["slimming"] = {"l1": args.slim_l1, "epochs": args.slim_epochs, "on": "bn_scale"}
     cfg = make_config(**options)
     t0 = time.perf_counter()
     pruned, rec = prune_and_finetune(teacher, X, cfg, teacher, task.train, task.val, round_to=8)

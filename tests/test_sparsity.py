@@ -57,8 +57,8 @@ def ort_outputs(path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_slimming_drives_bn_scales_to_zero_and_the_pruned_model_exports(teacher, tmp_path):
     train = blobs(256, 3)
-    weak = make_config(ratio=0.5, importance="bn_scale", sparsity={"l1": 1e-6, "epochs": 2, "lr": 0.05})
-    strong = make_config(ratio=0.5, importance="bn_scale", sparsity={"l1": 1.0, "epochs": 2, "lr": 0.05})
+    weak = make_config(ratio=0.5, importance="bn_scale", slimming={"l1": 1e-6, "epochs": 2, "lr": 0.05})
+    strong = make_config(ratio=0.5, importance="bn_scale", slimming={"l1": 1.0, "epochs": 2, "lr": 0.05})
     _, weak_summary = sparsity_train(teacher, (X,), weak, teacher, train)
     slim, summary = sparsity_train(teacher, (X,), strong, teacher, train)
     assert summary["bn_scales_before"] == bn_scale_summary(teacher)
@@ -115,10 +115,10 @@ def test_one_shot_masks_hold_while_training():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(EdgepackError, match="sparsity.l1"):
-        make_config(ratio=0.5, sparsity={"l1": -1})
-    with pytest.raises(EdgepackError, match="sparsity.penalty: unknown option"):
-        make_config(ratio=0.5, sparsity={"penalty": 1})
+    with pytest.raises(EdgepackError, match="slimming.l1"):
+        make_config(ratio=0.5, slimming={"l1": -1})
+    with pytest.raises(EdgepackError, match="slimming.penalty: unknown option"):
+        make_config(ratio=0.5, slimming={"penalty": 1})
     with pytest.raises(EdgepackError, match="strictly between 0 and 1"):
         check_target(1.5)
     with pytest.raises(EdgepackError, match="matches no Conv/Linear layer"):

@@ -25,7 +25,7 @@ class FinetuneConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads while fine-tuning; default: torch's choice")
 
 
-class SparsityTrainingConfig(BaseModel):
+class SlimmingConfig(BaseModel):
     """Sparsity training before pruning (network slimming, Liu et al. 2017): fine-tuning with an
     L1 penalty on BatchNorm scales (`on = "bn_scale"`) or a group-norm penalty on whole channel
     groups (`on = "group_norm"`), torch-pruning's BNScalePruner / GroupNormPruner `regularize`
@@ -51,7 +51,7 @@ class PruneConfig(BaseModel):
     iterative_steps: int = Field(1, ge=1)
     taylor_batches: int = Field(4, ge=1, description="labelled batches used to estimate Taylor importance")
     entropy_batches: int = Field(4, ge=1, description="batches whose activations rank channels by entropy")
-    sparsity: SparsityTrainingConfig | None = Field(None, description="sparsity training before pruning")
+    slimming: SlimmingConfig | None = Field(None, description="sparsity training before pruning (network slimming)")
     max_ratio: float = Field(0.9, gt=0, lt=1, description="upper bound of the ratio search")
     max_memory_mb: int | None = Field(None, ge=1, description="resident memory (MB) the process may reach while "
                                       "pruning; default: its size at the start plus 3/4 of the memory available")

@@ -81,7 +81,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         goal = ratio if ratio is not None else cfg.ratio
         events({"stage": "prune", **({"ratio": goal} if goal is not None else {"macs_target": cfg.macs_target})})
     slimming = None
-    if cfg.sparsity is not None:  # network slimming: the penalty drives channels to zero, pruning removes them
+    if cfg.slimming is not None:  # network slimming: the penalty drives channels to zero, pruning removes them
         model, slimming = sparsity_train(model, example_inputs, cfg, teacher, train, bars)
     ranking_data = train if train is not None or cfg.importance != "entropy" else eval
     requested = None
@@ -112,12 +112,12 @@ def search_config(cfg: PruneConfig) -> PruneConfig:
 
 def sparsity_train(model: nn.Module, example_inputs, cfg: PruneConfig, teacher: nn.Module | None, train,
                    progress=None) -> tuple[nn.Module, dict]:
-    """Sparsity training (cfg.sparsity) of a copy of `model`: distillation fine-tuning with
+    """Sparsity training (cfg.slimming) of a copy of `model`: distillation fine-tuning with
     torch-pruning's sparse-training hook added to the gradients each step (BNScalePruner:
     l1 * sign(gamma) on every BatchNorm scale; GroupNormPruner: a group-lasso on each channel
     group). The last epoch is kept (the best eval epoch would be the least sparse). Returns the
     model and the run's summary, with the BatchNorm scales before and after."""
-    sp = cfg.sparsity
+    sp = cfg.slimming
     student = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -44,8 +44,8 @@ def run(ctx: BuildContext, pcfg) -> dict:
         say("warning: no --train data: pruning without fine-tuning, accuracy will drop")
     goal = "the latency budget" if pcfg.to_latency else (f"ratio {pcfg.ratio}" if pcfg.ratio else f"MACs {pcfg.macs_target}")
     say(f"pruning channels to {goal} ({pcfg.importance} importance, round to {pcfg.round_to or profile.simd_width})")
-    if pcfg.sparsity is not None:
-        sp = pcfg.sparsity
+    if pcfg.slimming is not None:
+        sp = pcfg.slimming
         say(f"sparsity training first (network slimming): {sp.epochs} epoch(s), {sp.on} penalty {sp.l1:g}")
     try:
         module, record = run_prune_stage(loaded.module, loaded.example_inputs(), pcfg, profile,
