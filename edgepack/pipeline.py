@@ -21,10 +21,11 @@ from .outdir import replace_dir, staging_dir, writable_dir
 from .progress import as_progress
 from .stages import (bench, cluster, deploy, export, factorize, fp16, judge, load, prune, quantize, tflite, validate,
                      sparsify, write)
+from .stages import qat
 from .stages.context import BuildContext, Progress
 from .targets import TargetProfile, load_profile
 
-BUILD_STAGES = [load, prune, factorize, cluster, sparsify, export, quantize, tflite, fp16, validate, judge, write]
+BUILD_STAGES = [load, prune, factorize, cluster, sparsify, export, quantize, qat, tflite, fp16, validate, judge, write]
 DEVICE_STAGES = [deploy, bench]
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "numpy", "torch-pruning", "litert-torch",
              "ai-edge-litert")
