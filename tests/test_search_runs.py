@@ -40,8 +40,21 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
+def _sqlite_ready(path: Path) -> bool:
+    """Whether the search has finished making its database: Optuna stamps the schema version last.
+    Opening it any earlier would make this process race the search at creating the tables."""
+    import sqlite3
+    if not path.is_file():
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("select count(*) from alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:  # no such table yet, or locked while the tables are made
+        return False
+
+
 def _trials(url: str, study: str):
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if url.startswith("sqlite:///") and not _sqlite_ready(Path(url.removeprefix("sqlite:///"))):
         return []  # the search has not made its database yet (opening it here would make it)
     try:
         return optuna.load_study(study_name=study, storage=driver_url(url)).get_trials(deepcopy=False)
