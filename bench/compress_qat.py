@@ -119,13 +119,15 @@ def run_seed(name: str, seed: int, args, log) -> dict:
                                                         f"val (simulated int8) {d['eval_acc']:.4f}, {d['seconds']:.0f} s"))
         qat_seconds = time.perf_counter() - t0
         qat = tmp / "qat.int8.onnx"
-        quantize(trained, example, per_tensor, calib, qat)
+        c_qat_float = correct(quantize(trained, example, per_tensor, calib, qat), task.test)
         c_qat = correct(qat, task.test)
     ptq_drop, qat_drop = paired_drop(c_fp32, c_ptq), paired_drop(c_fp32, c_qat)
     recovered = (ptq_drop["drop"] - qat_drop["drop"]) / ptq_drop["drop"] if ptq_drop["drop"] > 0 else None
     row.update(fp32=acc(c_fp32), ptq=acc(c_ptq), ptq_per_channel=acc(c_pc),
                ptq_drop=ptq_drop, ptq_per_channel_drop=paired_drop(c_fp32, c_pc), qat_drop=qat_drop,
-               qat_vs_ptq=paired_drop(c_qat, c_ptq),  # negative drop = QAT better
+               qat_vs_ptq=paired_drop(c_qat, c_ptq),
+               # the QAT-trained weights run in float: did training itself move the float model?
+               qat_weights_in_float=acc(c_qat_float), qat_float_drop=paired_drop(c_fp32, c_qat_float),  # negative drop = QAT better
                fraction_recovered=None if recovered is None else round(recovered, 3),
                qat_seconds=round(qat_seconds, 1),
                qat=acc(c_qat) | {"record": {k: v for k, v in rec.items() if k != "finetune"},

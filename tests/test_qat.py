@@ -79,6 +79,23 @@ def planted(tmp_path_factory):
     return {"model": model, "train": train, "choose": choose, "test": test, "root": root, "fp32": fp32}
 
 
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """The same CNN with the same outliers, untrained (BatchNorm statistics made up): for the fast tests."""
+    torch.manual_seed(0)
+    model = build_net().eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5)
+        model[1].weight[:2] *= OUTLIER
+        model[1].bias[:2] *= OUTLIER
+        model[3].weight[:, :2] /= OUTLIER
+    x = np.random.default_rng(0).standard_normal((128, 1, 8, 8)).astype(np.float32)
+    data = Dataset(x, np.zeros(128, dtype=np.int64), "random", CLASSES)
+    fp32 = to_onnx(model, (torch.zeros(1, 1, 8, 8),), tmp_path_factory.mktemp("qat-fast") / "net.onnx")
+    return {"model": model, "train": data, "test": data, "fp32": fp32}
+
+
 def top1(path, data) -> float:
     return 100 * float((np.asarray(open_model(path, 1).run([data.x])[0]).argmax(1) == data.y).mean())
 
@@ -98,7 +115,8 @@ def qdq_weights(path) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("per_channel,reduce_range", [(True, False), (False, False), (True, True)])
-def test_weight_simulation_is_what_onnx_runtime_quantizes(planted, tmp_path, per_channel, reduce_range):
+def test_weight_simulation_is_what_onnx_runtime_quantizes(untrained, tmp_path, per_channel, reduce_range):
+    planted = untrained
     q = Quantization(per_channel=per_channel, reduce_range=reduce_range)
     quantize_onnx(planted["fp32"], tmp_path / "q.onnx", planted["train"], q, 1)
     folded, ok = fold_batchnorm(planted["model"])
@@ -111,7 +129,8 @@ def test_weight_simulation_is_what_onnx_runtime_quantizes(planted, tmp_path, per
         np.testing.assert_allclose(simulated, w, rtol=0, atol=1e-6 * np.abs(w).max())
 
 
-def test_fake_quantization_is_stripped_on_exit(planted):
+def test_fake_quantization_is_stripped_on_exit(untrained):
+    planted = untrained
     folded, _ = fold_batchnorm(planted["model"])
     x = torch.from_numpy(planted["test"].x[:32])
     with torch.no_grad():
@@ -184,6 +203,7 @@ def test_stage_skips_when_ptq_meets_the_budget_unless_forced(planted, tmp_path):
     assert "skipped" not in forced and forced["epochs_run"] == 1 and forced["qat_drop"] is not None
 
 
+@pytest.mark.slow
 def test_onnx_input_and_bad_options_are_refused(planted, tmp_path):
     with pytest.raises(EdgepackError, match="needs a PyTorch model"):
         _build(planted, tmp_path, "onnx", 1.0, {}, model=str(planted["fp32"]))
