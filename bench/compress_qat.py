@@ -1,18 +1,19 @@
 """QAT vs PTQ: how much of the int8 loss quantization-aware training recovers.
 
-On the noisy-digits task (tests/fixtures/tasks.py), MobileNetV2 width 0.35 (the baseline reused
-from /tmp/ep/ckpt/mobilenet_v2-0.35-seed<k>.pt, trained there by bench/compress_cluster.py when
-missing), int8 ONNX with edgepack's quantizer in a scheme where PTQ loses clearly: U8S8 (the
-x86 VNNI scheme) with *per-tensor* weights (MobileNetV2's BatchNorm-folded depthwise kernels
-span very different ranges per channel). Then edgepack.compress.qat.train_qat (BatchNorm folded,
-the same scheme simulated, distillation from the float model, early stop on the validation
-split), exported and quantized by the same quantizer and scheme. Top-1 on four distorted copies
-of the test digits: float, PTQ, QAT; the drops with the paired standard error (per-sample
-differences), and the fraction of the PTQ loss QAT recovers. The per-channel PTQ figure is
-given for context.
+On the noisy-digits task (tests/fixtures/tasks.py), ResNet-18 width 0.5 (the baselines reused from
+/tmp/ep/ckpt/resnet18-0.5-seed<k>.pt, trained there by bench/compress_cluster.py's recipe when
+missing) given function-preserving outlier channels (`plant_outliers`, --plant 64; the float model
+is unchanged, checked), int8 ONNX with edgepack's quantizer in U8S8 (the x86 VNNI scheme) with
+*per-tensor* weights. The baselines as trained lose too little for QAT to matter (per-tensor PTQ:
+MobileNetV2-0.35 0.56, ResNet-18-0.5 0.61 points; --plant 0 --model mobilenet_v2 shows it). Then
+edgepack.compress.qat.train_qat (BatchNorm folded, the same scheme simulated, distillation from the
+float model, early stop on the validation split), exported and quantized by the same quantizer and
+scheme. Top-1 on four distorted copies of the test digits: float, PTQ, QAT; the drops with the
+paired standard error (per-sample differences), the fraction of the PTQ loss QAT recovers, the
+per-channel PTQ figure, and the QAT-trained weights run in float (a control: has training itself
+moved the float model?).
 
-    .venv/bin/python bench/compress_qat.py                 # seed 0, 3 QAT epochs (~15-25 min loaded)
-    .venv/bin/python bench/compress_qat.py --seeds 0,1
+    .venv/bin/python bench/compress_qat.py --seeds 0,1     # ~15 min on the loaded 2-core box
 Writes bench/results/compress_qat.json.
 """
 from __future__ import annotations
