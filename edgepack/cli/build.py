@@ -74,13 +74,13 @@ def _floats(flag: str, text: str | None) -> list[float] | None:
 
 
 def _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs, clusters, cluster_skip,
-                     cluster_epochs, fp16) -> dict | None:
+                     cluster_epochs, fp16, sparsity: dict, qat: dict) -> dict | None:
     """The [compress] tables the flags given ask for (merged over the config file's, key by key)."""
     given = {"lowrank": {"energy": lowrank_energy, "macs_target": lowrank_macs, "skip": lowrank_skip or None,
                          "epochs": lowrank_epochs},
              "cluster": {"clusters": clusters, "skip": cluster_skip or None,
                          "finetune": {"epochs": cluster_epochs} if cluster_epochs is not None else None},
-             "fp16": {} if fp16 else None}
+             "fp16": {} if fp16 else None, "sparsity": sparsity, "qat": qat}
     tables = {}
     for stage, opts in given.items():
         if opts is None:
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         latency_runs: Optional[int] = typer.Option(None, "--latency-runs", help="timed runs per artifact [50]"),
         prune: Optional[float] = typer.Option(None, "--prune", help="prune this fraction of channels, 0 < R < 1"),
         prune_to_latency: bool = typer.Option(False, "--prune-to-latency", help="prune until the profile's latency budget holds"),
-        prune_importance: Optional[str] = typer.Option(None, "--prune-importance", help="l1, l2, bn_scale, taylor or random"),
+        prune_importance: Optional[str] = typer.Option(None, "--prune-importance", help="l1, l2, bn_scale, taylor, entropy or random"),
         prune_ignore: list[str] = typer.Option([], "--prune-ignore", help="module name to leave unpruned (repeatable)"),
         finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="fine-tuning epochs after pruning"),
         no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune on labels only, without distillation"),
@@ -156,6 +156,12 @@ def register(app: typer.Typer) -> None:
         clusters: Optional[int] = typer.Option(None, "--clusters", help="weight clustering: each Conv/Linear layer's weights share K values (2-256; 16 is usual)"),
         cluster_skip: list[str] = typer.Option([], "--cluster-skip", help="leave this layer (name or fnmatch pattern) unclustered (repeatable)"),
         cluster_epochs: Optional[int] = typer.Option(None, "--cluster-epochs", help="distillation epochs after clustering [3]"),
+        slimming_l1: Optional[float] = typer.Option(None, "--slimming-l1", help="network slimming: sparsity training with this L1 penalty on BatchNorm scales before pruning"),
+        slimming_epochs: Optional[int] = typer.Option(None, "--slimming-epochs", help="sparsity-training epochs before pruning"),
+        sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured magnitude sparsity: this fraction of Conv/Linear weights zeroed (gradual schedule, distillation)"),
+        sparsity_epochs: Optional[int] = typer.Option(None, "--sparsity-epochs", help="fine-tuning epochs over which sparsity ramps up"),
+        qat: bool = typer.Option(False, "--qat", help="quantization-aware training of the ONNX int8 artifact even when PTQ met the budgets"),
+        qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", help="QAT epochs (alone: QAT only when PTQ misses max_accuracy_drop)"),
         fp16: bool = typer.Option(False, "--fp16", help="also make model.fp16.onnx (and .tflite) on a target that does not list fp16"),
         device: Optional[str] = typer.Option(None, "--device", help="deploy to this device and benchmark there"),
         devices_dir: list[str] = typer.Option([], "--devices-dir", help="extra device inventory directory"),
@@ -171,9 +177,13 @@ def register(app: typer.Typer) -> None:
             "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
             "distill": False if no_distill else None, "allow_unpruned": allow_unpruned or None,
             "max_memory_mb": prune_max_memory_mb, "max_prune_minutes": prune_max_minutes,
+            "slimming": slimming or None,
         }.items() if v is not None} or None
         compress_cfg = _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs,
-                                        clusters, cluster_skip, cluster_epochs, fp16)
+                                        clusters, cluster_skip, cluster_epochs, fp16,
+                                        {"target": sparsity, "epochs": sparsity_epochs},
+                                        {"always": qat or None, "epochs": qat_epochs})
+        slimming = {k: v for k, v in {"l1": slimming_l1, "epochs": slimming_epochs}.items() if v is not None}
         data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),
                                       "preprocess": preprocess, "resize": _ints("--resize", resize),
                                       "crop": _ints("--crop", crop), "layout": data_layout}.items()

@@ -40,8 +40,8 @@ def _sections(build_dir: Path, m) -> dict:
         sections["tflite"] = f"## TFLite\n\nNot produced: {t['skipped']}\n"
     elif t and "int8" in t:
         sections["tflite"] = tflite_section(t)
-    from ..stages import cluster, factorize, fp16
-    for stage in (factorize, cluster, fp16):  # their sections are made from the stage record alone
+    from ..stages import cluster, factorize, fp16, qat, sparsify
+    for stage in (factorize, cluster, sparsify, qat, fp16):  # their sections are made from the stage record alone
         record = m.stages.get(stage.NAME)
         if record and not isinstance(record.get("skipped"), str):  # a str: the whole stage was skipped
             sections[stage.NAME] = stage.markdown(record)

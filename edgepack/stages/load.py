@@ -221,6 +221,7 @@ def _finite(ds: Dataset, what: str) -> None:
 
 
 def _fine_tunes(c) -> bool:
-    """Whether a stage of this build trains (pruning, low-rank, clustering): only then is --train read."""
-    return bool(c.prune) or any(k in (c.compress or {}) for k in ("lowrank", "cluster"))
+    """Whether a stage of this build trains (pruning, low-rank, clustering, sparsity, QAT): only then is
+    --train read."""
+    return bool(c.prune) or any(k in (c.compress or {}) for k in ("lowrank", "cluster", "sparsity", "qat"))
 
