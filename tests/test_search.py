@@ -3,6 +3,7 @@ workers, the plot and report.html's search section. (Builds and real databases: 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import tomllib
 
 import optuna
@@ -194,3 +195,25 @@ def test_a_trial_failed_under_its_worker_does_not_stop_it(tmp_path):
     states = [t.state.name for t in study.get_trials()]
     assert states == ["FAIL", "COMPLETE"] and study.get_trials()[1].system_attrs["failed_trial"] == 0
     assert any("declared dead" in s for s in said)
+
+
+def test_a_budget_the_device_judged_is_not_vetoed_by_the_host():
+    """Host p50 0.43 ms misses a 0.35 ms budget the device met at 0.30 ms: the trial is feasible,
+    judged on the device; a budget only the host judged (size) still counts."""
+    from types import SimpleNamespace as NS
+
+    from edgepack.manifest import Verdict
+    from edgepack.search.objective import figures_of
+
+    metrics = NS(model_dump=lambda: {"accuracy": 90.0}, latency_ms=NS(p50=0.43), size_mb=0.2)
+    host = [Verdict(budget="latency_p50_ms", limit=0.35, value=0.43, ok=False),
+            Verdict(budget="size_mb", limit=1.0, value=0.2, ok=True)]
+    m = NS(primary="model.int8.onnx", artifact=lambda path: NS(metrics=metrics), verdicts=host)
+    device = {"device": "pi", "latency_ms": {"p50": 0.30},
+              "verdicts": [{"budget": "latency_p50_ms", "limit": 0.35, "value": 0.30, "ok": True}]}
+    fig = figures_of(NS(manifest=m, device_results=[device], path=Path("x"), passed=True), None)
+    assert fig["feasible"] and fig["latency_ms"] == 0.30 and fig["latency_where"] == "pi"
+    assert fig["constraints"]["latency_p50_ms"] < 0 and fig["constraints"]["size_mb"] < 0
+    host[1] = Verdict(budget="size_mb", limit=0.1, value=0.2, ok=False)
+    fig = figures_of(NS(manifest=m, device_results=[device], path=Path("x"), passed=False), None)
+    assert not fig["feasible"] and set(fig["violations"]) == {"size_mb"}

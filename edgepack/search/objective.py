@@ -105,7 +105,11 @@ def figures_of(result, profile: TargetProfile) -> dict:
             name, value = _quality(timed["device"])
             if value is not None:
                 metric_name, metric = f"{name} on the device", value
-        sources += [(r["device"], v) for v in r.get("verdicts") or []]
+        device_verdicts = [(r["device"], v) for v in r.get("verdicts") or []]
+        # A budget the device judged is the device's: this host's figure for it (its own latency,
+        # its own memory) must not veto a trial the device passed.
+        on_device = {v["budget"] for _, v in device_verdicts if v.get("ok") is not None}
+        sources = [(src, v) for src, v in sources if v["budget"] not in on_device] + device_verdicts
     violations, constraints, judged, limited = {}, {}, set(), set()
     for src, v in sources:
         if v.get("limit") is None:
