@@ -142,3 +142,25 @@ def test_prune_stage_iterative_with_record(teacher):
     assert untouched is teacher and none is None
     _, record = run_prune_stage(teacher, X, PruneConfig(ratio=0.5), load_profile("x86"), None, blobs(64, 2))
     assert any("fine-tuning skipped" in w for w in record.warnings)
+
+
+def test_cosine_schedule_reaches_zero_by_the_deadline(monkeypatch):
+    """A time limit that cuts the planned steps short still anneals the rate to zero by then:
+    halfway through the time the rate is half the base, at the deadline it is 0."""
+    import edgepack.prune.finetune as ft
+
+    now = [100.0]
+    monkeypatch.setattr(ft.time, "monotonic", lambda: now[0])
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = ft.CosineSchedule(opt, 0.1, steps=1000, start=100.0, deadline=160.0)
+    now[0] = 130.0
+    sched.step()  # 1 step of 1000, but half the time
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05, abs=1e-6)
+    now[0] = 170.0
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    steps_only = ft.CosineSchedule(opt, 0.1, steps=4, start=0.0, deadline=None)
+    for _ in range(2):
+        steps_only.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05, abs=1e-6)

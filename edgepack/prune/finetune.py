@@ -163,7 +163,6 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     batches = math.ceil(len(train) / cfg.batch_size)
     steps = cfg.epochs * batches
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     if teacher is not None:
         teacher.eval()
     best = evaluate(student, eval, cfg.batch_size, teacher)
@@ -175,6 +174,10 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
         bars(f"{label}: running the teacher once over the {len(train)} training samples")
     cached = _teacher_outputs(teacher, train, cfg.batch_size) if distill else None
     objective = _objective(student, train)
+    # Cosine decay over the steps, or over the time left when a time limit would cut the epochs
+    # short: the learning rate reaches zero by the deadline, not at a step never reached (a run
+    # cut off at a high rate keeps nothing of its training).
+    sched = CosineSchedule(opt, cfg.lr, max(1, steps), time.monotonic(), deadline)
 
     for epoch in range(1, cfg.epochs + 1):
         with bars.task(f"{label} epoch {epoch}/{cfg.epochs}", total=batches) as bar:
@@ -240,6 +243,26 @@ def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, 
     bar.update(description=f"{title}, loss {'-' if loss is None else f'{loss:.4g}'}, "
                            f"eval {'-' if acc is None else f'{100 * acc:.1f}%'}")
     return acc
+
+
+class CosineSchedule:
+    """lr = base * (1 + cos(pi * f)) / 2, f the larger of the steps done and the time used, as
+    fractions of the steps planned and of the time until `deadline` (None: steps only)."""
+
+    def __init__(self, opt, base_lr: float, steps: int, start: float, deadline: float | None):
+        self.opt, self.base, self.steps, self.start, self.deadline, self.done = opt, base_lr, steps, start, deadline, 0
+
+    def fraction(self) -> float:
+        f = self.done / self.steps
+        if self.deadline is not None and math.isfinite(self.deadline) and self.deadline > self.start:
+            f = max(f, (time.monotonic() - self.start) / (self.deadline - self.start))
+        return min(f, 1.0)
+
+    def step(self) -> None:
+        self.done += 1
+        lr = self.base * 0.5 * (1 + math.cos(math.pi * self.fraction()))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
 
 CACHE_LIMIT_BYTES = 512 * 2**20  # dense outputs (segmentation maps) would not fit: run the teacher per batch
