@@ -9,7 +9,6 @@ signal energy and noise energy; its SQNR over all samples is the same number qdq
 from __future__ import annotations
 
 import ctypes
-import gc
 import math
 import tempfile
 from pathlib import Path
@@ -81,8 +80,9 @@ def release_heap() -> None:
     glibc keeps freed memory for reuse (its mmap threshold grows to 32 MB once large arrays are
     freed, so later activations come from the heap and stay there). A build forks its TFLite
     children after the ONNX stage: every page the parent still holds then counts in both
-    (bench/build_memory.py). malloc_trim(0) returns the free pages; elsewhere this is a no-op."""
-    gc.collect()
+    (bench/build_memory.py). malloc_trim(0) returns the free pages; elsewhere this is a no-op.
+    No gc.collect(): refcounting frees these, and a full collection in a forked child would touch
+    (copy) every object it inherited."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)

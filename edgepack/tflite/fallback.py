@@ -11,6 +11,7 @@ is then one quantization pass (0.1-0.3 s on a MobileNetV2).
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -323,6 +324,7 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
     original = {"missed": True, "drop": first, "sqnr": record["initial_output_sqnr_db"],
                 "path": None, "rec": None}
     best = original
+    gc.freeze()  # run in a forked child: collections would touch (copy) every inherited object
     try:
         # ai-edge-quantizer's full-int8 model: the first candidate, and what the ranking reads.
         t1 = time.perf_counter()
@@ -332,11 +334,10 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
         base_sqnr = _sqnr_vs(reference, base, probe, layout)
         initial = record["initial_output_sqnr_db"]
         if q.ranges_from is not None and None not in (base_sqnr, initial) and base_sqnr < initial - ADOPT_MARGIN_DB:
-            # The adopted ranges made it worse than the artifact they came from: tensors paired
-            # wrongly, or ranges that mean something else there (seen on a ConvNeXt-T-style model:
-            # 0.28 dB, where ai-edge-quantizer's own min/max gave 18.4). Calibrate its own instead.
+            # Adopted ranges worse than their own artifact (tensors paired wrongly; seen on a ConvNeXt-T
+            # style model: 0.28 dB, where ai-edge-quantizer's own min/max gave 18.4): calibrate instead.
             rejected = f"{q.ranges} gave {base_sqnr} dB output SQNR against {initial} dB: not used"
-            q.ranges_from, q._qsvs = None, None
+            q.ranges_from, q._qsvs, q.ranges = None, None, "ai-edge-quantizer min/max (moving average)"
             rec0 = q.quantize(base)
             record["adopted_ranges_rejected"] = rejected
         record["activation_ranges"] = q.ranges
@@ -375,6 +376,7 @@ def fallback(fp32_tflite: Path, int8_tflite: Path, calib,
                        "met_budget": not best["missed"], "replaced": rec is not None,
                        "artifact": rec, "calibration_seconds": round(q.calibration_seconds, 2)})
     finally:
+        gc.unfreeze()
         for p in made:
             p.unlink(missing_ok=True)
     record["seconds"] = round(time.perf_counter() - t0, 2)
