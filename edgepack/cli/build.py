@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
         from ..config import load_config
         from ..pipeline import build as run_build
         # Only flags actually given: load_config merges these tables over the config file's.
+        slimming = {k: v for k, v in {"l1": slimming_l1, "epochs": slimming_epochs}.items() if v is not None}
         prune_cfg = {k: v for k, v in {
             "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
             "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,
@@ -183,7 +184,6 @@ def register(app: typer.Typer) -> None:
                                         clusters, cluster_skip, cluster_epochs, fp16,
                                         {"target": sparsity, "epochs": sparsity_epochs},
                                         {"always": qat or None, "epochs": qat_epochs})
-        slimming = {k: v for k, v in {"l1": slimming_l1, "epochs": slimming_epochs}.items() if v is not None}
         data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),
                                       "preprocess": preprocess, "resize": _ints("--resize", resize),
                                       "crop": _ints("--crop", crop), "layout": data_layout}.items()
