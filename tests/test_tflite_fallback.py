@@ -295,3 +295,26 @@ def test_mixed_fallback_keeps_the_sensitive_ops_in_fp16(task, converted, tmp_pat
     assert not misses(int8)[0]
     x, y = task["x"][task["report"]], task["y"][task["report"]]
     assert accuracy(int8, x, y) >= accuracy(converted["fp32"], x, y) - 2 * BUDGET
+
+
+def test_adopted_ranges_that_ruin_the_model_are_dropped(task, converted, tmp_path, monkeypatch):
+    """Ranges adopted from the artifact that make ai-edge-quantizer's model far worse than the
+    artifact itself (tensors paired wrongly: seen on a ConvNeXt-T-style model) are not used."""
+    import importlib
+    module = importlib.import_module("edgepack.tflite.fallback")  # the package exports fallback()
+    # A good int8 artifact: ai-edge-quantizer's, with the outlier layer and its reader in float.
+    full = tmp_path / "full.tflite"
+    quantize_tflite(converted["fp32"], full, [task["calib"]])
+    ranking = rank_ops(converted["fp32"], full, [task["calib"]])
+    keep = [ranking[0]["name"], next(r["index"] for r in ranking if r["module"] == READER)]
+    int8 = tmp_path / "model.int8.tflite"
+    quantize_tflite(converted["fp32"], int8, [task["calib"]], float_ops=keep)
+    real = module.Int8Quantizer._adopt_ranges
+
+    def wrong(self, path):  # every adopted range 1000x too wide
+        ranges, how = real(self, path)
+        return {k: {"min": v["min"] * 1000, "max": v["max"] * 1000} for k, v in ranges.items()}, how
+    monkeypatch.setattr(module.Int8Quantizer, "_adopt_ranges", wrong)
+    rec = fallback(converted["fp32"], int8, [task["calib"]], lambda p: (True, 5.0), max_float_ops=1)
+    assert "not used" in rec["adopted_ranges_rejected"], rec.get("initial_output_sqnr_db")
+    assert "min/max" in rec["activation_ranges"]
