@@ -155,3 +155,18 @@ def test_the_stage_sparsifies_the_build_model_and_records_it(teacher):
     assert record["fp32_weights"]["deflate_bytes_after"] < record["fp32_weights"]["deflate_bytes_before"]
     assert ctx.model.module is not teacher
     assert "## Magnitude sparsity" in ctx.sections["sparsify"]
+
+
+@pytest.mark.slow
+def test_group_norm_penalty_shrinks_the_channel_groups():
+    model, train = small_cnn().eval(), blobs(128, 3)
+
+    def weight_norm(m):
+        return float(sum(layer.weight.norm() for layer in m.modules() if isinstance(layer, nn.Conv2d)))
+    runs = {}
+    for l1 in (1e-6, 0.5):
+        cfg = make_config(ratio=0.5, slimming={"l1": l1, "epochs": 1, "on": "group_norm", "lr": 0.05})
+        slim, summary = sparsity_train(model, (X,), cfg, model, train)
+        assert summary["penalty"] == "group_norm" and summary["epochs_run"] == 1
+        runs[l1] = weight_norm(slim)
+    assert runs[0.5] < 0.9 * runs[1e-6]
