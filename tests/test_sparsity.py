@@ -162,7 +162,7 @@ def test_group_norm_penalty_shrinks_the_channel_groups():
     model, train = small_cnn().eval(), blobs(128, 3)
 
     def weight_norm(m):
-        return float(sum(layer.weight.norm() for layer in m.modules() if isinstance(layer, nn.Conv2d)))
+        return float(sum(layer.weight.detach().norm() for layer in m.modules() if isinstance(layer, nn.Conv2d)))
     runs = {}
     for l1 in (1e-6, 0.5):
         cfg = make_config(ratio=0.5, slimming={"l1": l1, "epochs": 1, "on": "group_norm", "lr": 0.05})
