@@ -69,7 +69,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     try:
         stage = ctx.restore(NAME, key)
         if stage is None:
-            stage = _convert(ctx, cfg, calib)
+            stage = _fallback_and_report(ctx, cfg, calib, _converted(ctx, cfg, calib))
             ctx.store(NAME, key, {FP32: ctx.work / FP32, INT8: ctx.work / INT8}, stage)
         out32 = predict(ctx.work / FP32, m, ctx.data.report, ctx.profile.threads, cfg.layout)
         out8 = predict(ctx.work / INT8, m, ctx.data.report, ctx.profile.threads, cfg.layout)
@@ -87,6 +87,22 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     return stage
 
 
+CONVERSION_KEYS = {"layout", "calibration_samples", "inputs"}  # what the litert-torch conversions depend on
+
+
+def _converted(ctx: BuildContext, cfg: Config, calib) -> dict:
+    """The two litert-torch conversions, cached on their own: a build that changes only the
+    fallback or the budgets it aims at reuses them (they are most of the stage's time)."""
+    key = ctx.cache.key(f"{NAME}-convert", config=cfg.model_dump(include=CONVERSION_KEYS),
+                        blobs=[hash_module(ctx.model.module)], data=calib.fingerprint(), versions=ctx.versions)
+    stage = ctx.restore(f"{NAME} conversions", key)
+    if stage is None:
+        stage = _convert(ctx, cfg, calib)
+        ctx.store(f"{NAME} conversions", key, {FP32: ctx.work / FP32, INT8: ctx.work / INT8}, stage)
+    stage.pop("cache", None)  # the stage's own cache record is the one the manifest keeps
+    return stage
+
+
 def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     m, module = ctx.model, FlatOutputs(ctx.model.module).eval()
     tflite.require_litert_torch()
@@ -98,9 +114,14 @@ def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     with ctx.progress.task(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)"):
         rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout,
                                    num_calib=len(calib), **names)
-    keep = KEEP
-    stage = {"fp32": {k: rec32.get(k) for k in keep}, "int8": {k: rec8.get(k) for k in keep},
-             "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
+    return {"fp32": {k: rec32.get(k) for k in KEEP}, "int8": {k: rec8.get(k) for k in KEEP},
+            "calibration_samples": len(calib), "scheme": tflite.INT8_SCHEME}
+
+
+def _fallback_and_report(ctx: BuildContext, cfg: Config, calib, stage: dict) -> dict:
+    """The accuracy-aware fallback (it may replace model.int8.tflite) and the per-op SQNR report."""
+    m, keep = ctx.model, KEEP
+    names = {"input_names": m.input_names, "output_names": m.outputs}
     # Ranking ops keeps every intermediate tensor, and ai-edge-litert aborts the whole process on
     # some graphs (seen: a small transformer encoder): run that part in a forked child.
     if cfg.fallback:
