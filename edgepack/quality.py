@@ -122,6 +122,15 @@ def drop(ref: dict, cand: dict) -> tuple[float | None, str]:
     return None, "not measurable"
 
 
+def figure(q: dict) -> tuple[float | None, str]:
+    """The figure `min_accuracy` judges, and what it is: the user metric when given, else top-1 %
+    on labels, else top-1 agreement % with the float model."""
+    for key, unit in (("metric", "metric"), ("accuracy", "top-1 %"), ("agreement", "agreement %")):
+        if q.get(key) is not None:
+            return float(q[key]), unit
+    return None, "not measurable"
+
+
 def metric_path_hint() -> str:
     return ("pass --metric file.py:function (f(outputs, labels) -> number, higher is better) with "
             "labelled --eval data, or judge fidelity with --budget min_sqnr_db=20 and "

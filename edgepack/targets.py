@@ -45,6 +45,10 @@ class Budgets(Strict):
     size_mb: float | None = Field(None, gt=0)
     max_accuracy_drop: float | None = Field(None, ge=0, description="points of top-1, of agreement, or of the user metric")
     min_sqnr_db: float | None = Field(None, description="lowest SQNR (dB) of any output vs the float model")
+    # An absolute floor: max_accuracy_drop compares int8 with the float model the build exported,
+    # which after pruning or other compression is already the smaller model.
+    min_accuracy: float | None = Field(None, description="the judged artifact's own figure: top-1 %, agreement % "
+                                       "when unlabelled, or the user metric")
 
 
 class TargetProfile(Strict):

@@ -159,6 +159,34 @@ def test_off_target_note_names_the_device_that_judges():
     assert "target is aarch64: judged on device pi4" in verdicts[0].note and verdicts[0].ok is None
 
 
+def test_min_accuracy_is_an_absolute_floor(tmp_path):
+    """`max_accuracy_drop` compares int8 with the (possibly pruned) float model; `min_accuracy`
+    judges the artifact's own figure: a pruned build without fine-tuning passes the first and
+    fails the second, and a figure that cannot be measured fails closed."""
+    from edgepack.manifest import LatencyMs
+    from edgepack.stages.judge import judge
+    from edgepack.targets import Budgets
+    lat = LatencyMs(p50=1.0, p90=1.2, p99=1.5, mean=1.1, runs=5, threads=1, measured_on="x86_64")
+    budgets = Budgets(max_accuracy_drop=1.0, min_accuracy=90.0)
+    low = {v.budget: v for v in judge(budgets, "x86_64", "m.onnx", 1.0, lat, 10.0, 0.0, quality=(19.4, "top-1 %"))}
+    assert low["max_accuracy_drop"].ok is True and low["min_accuracy"].ok is False
+    assert low["min_accuracy"].note == "top-1 % of the judged artifact itself"
+    unmeasured = {v.budget: v for v in judge(budgets, "x86_64", "m.onnx", 1.0, lat, 10.0, 0.0)}
+    assert unmeasured["min_accuracy"].ok is False and "not measured, so not met" in unmeasured["min_accuracy"].note
+    code, _, err = run_cli("build", "--prune", "0.7", "--finetune-epochs", "0", "--budget", "min_accuracy=90",
+                           "--budget", "max_accuracy_drop=100", "--out", str(tmp_path), "-q", "--latency-runs", "5")
+    m = read_manifest(tmp_path / "digits-cnn-x86")
+    floor = next(v for v in m.verdicts if v.budget == "min_accuracy")
+    assert code == 1 and "min_accuracy" in err and floor.ok is False and floor.value < 90, (floor, err)
+    # On a device, the device's own figure is judged.
+    from edgepack.devices.judge import judge_quality
+    record = {"samples": 256, "artifact": "model.int8.tflite", "reference": "model.fp32.tflite", "drop": 0.2,
+              "drop_unit": "top-1 points", "device": {"accuracy": 88.5, "sqnr_db": 30.0}}
+    on_device = {v.budget: v for v in judge_quality(record, {"min_accuracy": 90.0}, "pi", emulated=True)}
+    assert on_device["min_accuracy"].ok is False and on_device["min_accuracy"].value == 88.5
+    assert "top-1 % on the device" in on_device["min_accuracy"].note
+
+
 def test_onnx_with_fixed_batch(user_model, tmp_path):
     """torch.onnx.export's default: batch fixed at 1. Calibration and evaluation must adapt."""
     import torch

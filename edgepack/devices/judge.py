@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..manifest import Verdict
+from ..quality import figure
 from .deploy import normalize_arch  # arm64 and aarch64 are one architecture
 
 
@@ -71,6 +72,12 @@ def judge_quality(record: dict | None, budgets: dict[str, Any], device_name: str
         verdicts.append(Verdict(budget="max_accuracy_drop", limit=float(limit), value=value,
                                 ok=None if value is None else value <= float(limit), artifact=record["artifact"],
                                 note=f"{basis}; drop in {record['drop_unit']}"))
+    limit = budgets.get("min_accuracy")
+    if limit is not None:
+        value, unit = figure(record["device"])
+        verdicts.append(Verdict(budget="min_accuracy", limit=float(limit), value=value,
+                                ok=None if value is None else value >= float(limit), artifact=record["artifact"],
+                                note=f"{basis}; {unit} on the device"))
     limit = budgets.get("min_sqnr_db")
     sqnr = record["device"].get("sqnr_db")
     if limit is not None:

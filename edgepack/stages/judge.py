@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from ..manifest import Artifact, LatencyMs, Verdict
-from ..quality import drop, metric_path_hint
+from ..quality import drop, figure, metric_path_hint
 from ..targets import Budgets
 from .context import BuildContext
 
@@ -33,7 +33,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     unit += _noise(primary, unit)
     ctx.verdicts = judge(cfg.budgets, cfg.arch, primary.path, primary.metrics.size_mb, primary.metrics.latency_ms,
                          ctx.peak_mb.get(primary.path), value, judged_elsewhere=ctx.judged_elsewhere,
-                         sqnr_db=primary.metrics.sqnr_db, drop_unit=unit)
+                         sqnr_db=primary.metrics.sqnr_db, drop_unit=unit, quality=figure(_figures(primary)))
     ctx.primary = primary.path
     why = (f"the target's runtime is {ctx.profile.runtime}" if primary.format == cfg.primary_format else
            f"the target prefers {cfg.primary_format}, but {ctx.records.get('tflite', {}).get('skipped', 'it was not built')}")
@@ -67,7 +67,7 @@ def primary_artifact(artifacts: list[Artifact], fmt: str) -> Artifact:
 def judge(budgets: Budgets, target_arch: str, artifact: str, size_mb: float, latency: LatencyMs | None,
           peak_mb: float | None, accuracy_drop: float | None, emulated: bool = False,
           judged_elsewhere: str | None = None, sqnr_db: float | None = None,
-          drop_unit: str = "points") -> list[Verdict]:
+          drop_unit: str = "points", quality: tuple[float | None, str] = (None, "not measurable")) -> list[Verdict]:
     """One verdict per budget. `judged_elsewhere`: what the off-target note says instead of
     "judge on the device with --device"."""
     on_target = latency is not None and latency.measured_on == target_arch and not emulated
@@ -97,4 +97,6 @@ def judge(budgets: Budgets, target_arch: str, artifact: str, size_mb: float, lat
                 note=None if accuracy_drop is None else f"drop in {drop_unit}"),
         verdict("min_sqnr_db", budgets.min_sqnr_db, sqnr_db, unmeasured_fails=True, at_least=True,
                 note="lowest SQNR of any output vs the float model"),
+        verdict("min_accuracy", budgets.min_accuracy, quality[0], unmeasured_fails=True, at_least=True,
+                note=f"{quality[1]} of the judged artifact itself"),
     ]
