@@ -158,6 +158,7 @@ def register(app: typer.Typer) -> None:
         cluster_epochs: Optional[int] = typer.Option(None, "--cluster-epochs", help="distillation epochs after clustering [3]"),
         slimming_l1: Optional[float] = typer.Option(None, "--slimming-l1", help="network slimming: sparsity training with this L1 penalty on BatchNorm scales before pruning"),
         slimming_epochs: Optional[int] = typer.Option(None, "--slimming-epochs", help="sparsity-training epochs before pruning"),
+        slimming_on: Optional[str] = typer.Option(None, "--slimming-on", help="what the sparsity penalty shrinks: bn_scale (BatchNorm scales) or group_norm"),
         sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured magnitude sparsity: this fraction of Conv/Linear weights zeroed (gradual schedule, distillation)"),
         sparsity_epochs: Optional[int] = typer.Option(None, "--sparsity-epochs", help="fine-tuning epochs over which sparsity ramps up"),
         qat: bool = typer.Option(False, "--qat", help="quantization-aware training of the ONNX int8 artifact even when PTQ met the budgets"),
@@ -172,7 +173,7 @@ def register(app: typer.Typer) -> None:
         from ..config import load_config
         from ..pipeline import build as run_build
         # Only flags actually given: load_config merges these tables over the config file's.
-        slimming = {k: v for k, v in {"l1": slimming_l1, "epochs": slimming_epochs}.items() if v is not None}
+        slimming = {k: v for k, v in {"l1": slimming_l1, "epochs": slimming_epochs, "on": slimming_on}.items() if v is not None}
         prune_cfg = {k: v for k, v in {
             "ratio": prune, "to_latency": prune_to_latency or None, "importance": prune_importance,
             "ignore_layers": prune_ignore or None, "epochs": finetune_epochs,

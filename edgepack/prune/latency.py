@@ -116,4 +116,4 @@ def ratio_for_macs(model: nn.Module, example_inputs, cfg: PruneConfig, keep_frac
 def _one_shot(cfg: PruneConfig) -> PruneConfig:
     """The candidates of a search: pruned in one step, Taylor (which needs gradients) as L2."""
     return cfg.model_copy(update={"iterative_steps": 1, "importance":
-                                  "l2" if cfg.importance == "taylor" else cfg.importance})
+                                  "l2" if cfg.importance in ("taylor", "entropy") else cfg.importance})

@@ -123,7 +123,7 @@ def _finetune_line(ft: dict) -> str:
     if ft.get("eval_acc_before") is not None and ft.get("eval_acc_after") is not None:
         acc = f", eval top-1 {100 * ft['eval_acc_before']:.2f}% → {100 * ft['eval_acc_after']:.2f}%"
     stop = f" (stopped: {ft['stopped']})" if ft.get("stopped") else ""
-    return (f"- fine-tuning ({kind}): {ft['epochs_run']} epoch(s) in {ft['seconds']:.1f} s{acc}{stop}")
+    return (f"- {ft.get('phase', 'fine-tuning')} ({kind}): {ft['epochs_run']} epoch(s) in {ft['seconds']:.1f} s{acc}{stop}")
 
 
 def _arrow(before: int, after: int) -> str:
