@@ -12,7 +12,7 @@ import copy
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..compress.cluster import (INITS, check_clusters, cluster, clusterable_layers, clusters_kept,
                                 distinct_per_channel, distinct_values, int8_codes, out_axis)
@@ -21,6 +21,7 @@ from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
 from ..prune import FinetuneConfig, evaluate, finetune
 from .context import BuildContext
+from .tables import require_torch, validate_table
 
 NAME = "cluster"
 # Fine-tuning a clustered model only moves centroids (and BatchNorm, biases): a short schedule
@@ -45,20 +46,10 @@ def config(ctx: BuildContext) -> Config | None:
     """The clustering options; None unless the build's [compress] table has a `cluster` entry."""
     if not ctx.cfg.compress or "cluster" not in ctx.cfg.compress:
         return None
-    if ctx.model.kind != "torch":
-        raise EdgepackError("weight clustering needs a PyTorch model: it fine-tunes the weights, and "
-                            f"{ctx.model.source or 'the input'} is an ONNX file",
-                            "build from the PyTorch model (--model file.py:factory --weights ...), "
-                            "or drop [compress.cluster]")
-    options = ctx.cfg.compress["cluster"] or {}
-    try:
-        cfg = Config.model_validate(options)
-        FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **cfg.finetune})
-    except ValidationError as e:
-        lines = [f"  - {'.'.join(map(str, err['loc'])) or 'cluster'}: "
-                 f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
-        raise EdgepackError("invalid [compress.cluster] options:\n" + "\n".join(lines),
-                            "e.g. clusters = 16, skip = [\"fc\"], [compress.cluster.finetune] epochs = 3") from e
+    require_torch(ctx, "weight clustering needs a PyTorch model: it fine-tunes the weights", "[compress.cluster]")
+    cfg = validate_table(Config, ctx.cfg.compress["cluster"], "cluster",
+                         'clusters = 16, skip = ["fc"], [compress.cluster.finetune] epochs = 3',
+                         lambda c: FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **c.finetune}))
     check_clusters(cfg.clusters)
     return cfg
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..cache import hash_module
 from ..compress.qat import train_qat
-from ..errors import EdgepackError
 from ..onnx_tools.export import to_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
@@ -30,6 +29,7 @@ from ..scheme import scheme_name
 from . import quantize
 from .cluster import training_data
 from .context import BuildContext
+from .tables import require_torch, validate_table
 from .export import FILE as FP32
 from .infer import predict_onnx
 
@@ -63,20 +63,10 @@ def config(ctx: BuildContext) -> Config | None:
             ctx.say("note: int8 still misses the accuracy budget after the fallback; quantization-aware "
                     "training may recover it: add --qat (with --train data)")
         return None
-    if ctx.model.kind != "torch":
-        raise EdgepackError("quantization-aware training needs a PyTorch model: it trains the weights, and "
-                            f"{ctx.model.source or 'the input'} is an ONNX file",
-                            "build from the PyTorch model (--model file.py:factory --weights ...), or drop --qat "
-                            "/ [compress.qat]")
-    try:
-        cfg = Config.model_validate(ctx.cfg.compress["qat"] or {})
-        cfg.finetune_config()
-    except ValidationError as e:
-        lines = [f"  - {'.'.join(map(str, err['loc'])) or 'qat'}: "
-                 f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
-        raise EdgepackError("invalid [compress.qat] options:\n" + "\n".join(lines),
-                            "e.g. always = true, epochs = 3, lr = 1e-4, max_minutes = 20") from e
-    return cfg
+    require_torch(ctx, "quantization-aware training needs a PyTorch model: it trains the weights",
+                  "--qat / [compress.qat]")
+    return validate_table(Config, ctx.cfg.compress["qat"], "qat", "always = true, epochs = 3, lr = 1e-4, max_minutes = 20",
+                          Config.finetune_config)
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:

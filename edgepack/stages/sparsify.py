@@ -13,13 +13,13 @@ import copy
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..compress.sparsity import SCHEDULES, check_target, magnitude_sparsify, sparsifiable_layers, weight_bytes
-from ..errors import EdgepackError
 from ..prune import FinetuneConfig, evaluate
 from .cluster import training_data
 from .context import BuildContext
+from .tables import require_torch, validate_table
 
 NAME = "sparsify"
 FINETUNE_DEFAULTS = {"epochs": 2, "lr": 0.005}
@@ -43,19 +43,9 @@ def config(ctx: BuildContext) -> Config | None:
     """The sparsity options; None unless the build's [compress] table has a `sparsity` entry."""
     if not ctx.cfg.compress or "sparsity" not in ctx.cfg.compress:
         return None
-    if ctx.model.kind != "torch":
-        raise EdgepackError("magnitude sparsity needs a PyTorch model: it fine-tunes the weights, and "
-                            f"{ctx.model.source or 'the input'} is an ONNX file",
-                            "build from the PyTorch model (--model file.py:factory --weights ...), "
-                            "or drop [compress.sparsity]")
-    try:
-        cfg = Config.model_validate(ctx.cfg.compress["sparsity"] or {})
-        cfg.finetune_config()
-    except ValidationError as e:
-        lines = [f"  - {'.'.join(map(str, err['loc'])) or 'sparsity'}: "
-                 f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
-        raise EdgepackError("invalid [compress.sparsity] options:\n" + "\n".join(lines),
-                            "e.g. target = 0.8, epochs = 2, schedule = \"polynomial\", skip = [\"fc\"]") from e
+    require_torch(ctx, "magnitude sparsity needs a PyTorch model: it fine-tunes the weights", "[compress.sparsity]")
+    cfg = validate_table(Config, ctx.cfg.compress["sparsity"], "sparsity",
+                         'target = 0.8, epochs = 2, schedule = "polynomial", skip = ["fc"]', Config.finetune_config)
     check_target(cfg.target)
     sparsifiable_layers(ctx.model.module, cfg.skip)  # a skip pattern matching nothing fails before training
     return cfg
