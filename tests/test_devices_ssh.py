@@ -168,13 +168,12 @@ def test_fleet_survives_a_device_dying_mid_benchmark(build_dir, ssh_device):
     def kill_when_benchmarking():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not sshd_mod.agent_running(victim_dev.workdir):
-            time.sleep(0.05)
-        time.sleep(0.3)
-        victim.kill()
+            time.sleep(0.02)
+        victim.kill()  # at once: on an idle machine 8000 runs of this model took less than 0.3 s
 
     killer = threading.Thread(target=kill_when_benchmarking)
     killer.start()
-    fleet = bench_fleet(build_dir, [d for d, _ in devs], threads=1, runs=8000, warmup=0, retries=1, timeout_s=120)
+    fleet = bench_fleet(build_dir, [d for d, _ in devs], threads=1, runs=40000, warmup=0, retries=1, timeout_s=120)
     killer.join()
     by_name = {r["device"]: r for r in fleet["results"]}
     assert fleet["ok"] == 2 and fleet["failed"] == 1 and not fleet["passed"]
