@@ -33,7 +33,7 @@ def test_default_build_writes_the_contract(default_build):
         assert a.size_bytes == (path / a.path).stat().st_size
         assert a.metrics.latency_ms.p50 > 0 and a.metrics.latency_ms.p90 >= a.metrics.latency_ms.p50
     assert {v.budget for v in m.verdicts} == {"latency_p50_ms", "latency_p90_ms", "peak_memory_mb",
-                                               "size_mb", "max_accuracy_drop", "min_sqnr_db"}
+                                               "size_mb", "max_accuracy_drop", "min_sqnr_db", "min_accuracy"}
     assert m.versions["onnxruntime"] and m.config_hash and m.data_hash
     subset = np.load(path / m.eval_subset.path)  # the evaluation subset that ships to devices
     assert m.eval_subset.sha256 == sha256_file(path / m.eval_subset.path) and m.eval_subset.labelled
