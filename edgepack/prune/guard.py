@@ -89,14 +89,21 @@ class ResourceGuard:
         self._watchdog.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._done.set()
         self._watchdog.join()
         _raise_in(self._thread_id, None)  # drop a delivery still pending
+        if exc_type is None and self.exceeded:
+            # The limit was crossed but its delivery was swallowed or came too late (a bare
+            # `except:` in the pruned code, or a block shorter than the redelivery interval):
+            # the caller still hears of it.
+            raise ResourceLimit(self.exceeded)
 
     def _watch(self) -> None:
         delivered_at = None
-        while not self._done.wait(POLL_SECONDS):
+        first = True  # check at once: a short block must not slip between two polls
+        while first or not self._done.wait(POLL_SECONDS):
+            first = False
             if self._paused:
                 continue
             rss = rss_mb()
