@@ -217,3 +217,11 @@ def test_a_budget_the_device_judged_is_not_vetoed_by_the_host():
     host[1] = Verdict(budget="size_mb", limit=0.1, value=0.2, ok=False)
     fig = figures_of(NS(manifest=m, device_results=[device], path=Path("x"), passed=False), None)
     assert not fig["feasible"] and set(fig["violations"]) == {"size_mb"}
+
+
+def test_stepped_float_values_read_as_written():
+    """Optuna's low + k * step gives 0.30000000000000004; the build and the trial table get 0.3."""
+    trial = optuna.trial.FixedTrial({"prune.ratio": 0.1 + 2 * 0.1})
+    assert trial.suggest_float("prune.ratio", 0.0, 0.6, step=0.1) != 0.3  # the noise is real
+    assert sp.suggest(optuna.trial.FixedTrial({"prune.ratio": 0.1 + 2 * 0.1}),
+                   {"prune.ratio": {"low": 0.0, "high": 0.6, "step": 0.1}}) == {"prune.ratio": 0.3}

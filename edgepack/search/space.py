@@ -117,7 +117,9 @@ def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
                    for k in ("low", "high", "step")):
                 values[key] = trial.suggest_int(key, spec["low"], spec["high"], step=step or 1, log=log)
             else:
-                values[key] = trial.suggest_float(key, spec["low"], spec["high"], step=step, log=log)
+                value = trial.suggest_float(key, spec["low"], spec["high"], step=step, log=log)
+                # low + k * step in binary floating point: 0.30000000000000004 reads as noise
+                values[key] = round(value, 10)
         else:
             values[key] = spec
     return values
