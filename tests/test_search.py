@@ -225,3 +225,22 @@ def test_stepped_float_values_read_as_written():
     assert trial.suggest_float("prune.ratio", 0.0, 0.6, step=0.1) != 0.3  # the noise is real
     assert sp.suggest(optuna.trial.FixedTrial({"prune.ratio": 0.1 + 2 * 0.1}),
                    {"prune.ratio": {"low": 0.0, "high": 0.6, "step": 0.1}}) == {"prune.ratio": 0.3}
+
+
+def test_model_files_of_dominated_and_failed_trials_are_removed(tmp_path):
+    from edgepack.search.results import drop_dominated_artifacts
+    rows = []
+    for n, state in enumerate(["COMPLETE", "COMPLETE", "FAIL", "RUNNING", "COMPLETE"]):
+        build = tmp_path / "trials" / f"{n:04d}" / "net-rpi"
+        build.mkdir(parents=True)
+        for name in ("model.onnx", "model.int8.tflite", "eval/bundle.npz", "manifest.json", "report.md"):
+            (build / name).parent.mkdir(exist_ok=True)
+            (build / name).write_bytes(b"x" * 100)
+        rows.append({"number": n, "state": state, "build_dir": str(build)})
+    trials, freed = drop_dominated_artifacts(rows, pareto=[0], best={"number": 4})
+    assert (trials, freed) == (2, 600)  # trial 1 (dominated) and 2 (failed): three model files each
+    for n in range(5):
+        build = tmp_path / "trials" / f"{n:04d}" / "net-rpi"
+        assert (build / "manifest.json").is_file() and (build / "report.md").is_file()
+        assert (build / "model.onnx").exists() == (n not in (1, 2))
+        assert (build / "eval/bundle.npz").exists() == (n not in (1, 2))

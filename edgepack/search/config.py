@@ -37,6 +37,7 @@ class SearchConfig(BaseModel):
     grace_s: int = Field(120, ge=2)
     max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
     poll_s: float = Field(2.0, gt=0, description="wait between looks at the study when only others' trials remain")
+    keep_trials: bool = False  # keep the model files of every trial, not only the Pareto front's
 
     @field_validator("study")
     @classmethod

@@ -139,3 +139,27 @@ def write_best(best: dict, out_root: Path, data: dict, plot: Path | None) -> Pat
         write_html(tmp)
         replace_dir(tmp, final)
     return final
+
+
+ARTIFACT_SUFFIXES = (".onnx", ".tflite", ".data", ".npz", ".safetensors", ".pt", ".bin")
+
+
+def drop_dominated_artifacts(rows: list[dict], pareto: list[int], best: dict | None) -> tuple[int, int]:
+    """Delete the model files of finished trials off the Pareto front and of failed ones (their
+    manifest and report stay), so that a 200-trial search does not keep 200 builds on disk. A
+    trial the front dominates stays dominated as trials are added, so this is safe while other
+    workers run; running trials and the best are never touched. Returns (trials, bytes) freed."""
+    keep = set(pareto) | ({best["number"]} if best else set())
+    trials = freed = 0
+    for r in rows:
+        if r["number"] in keep or r["state"] not in ("COMPLETE", "FAIL") or not r.get("build_dir"):
+            continue
+        build = Path(r["build_dir"])
+        files = [f for f in build.rglob("*") if f.is_file() and f.name.endswith(ARTIFACT_SUFFIXES)] \
+            if build.is_dir() else []
+        for f in files:
+            freed += f.stat().st_size
+            f.unlink()
+        trials += bool(files)
+    return trials, freed
+

@@ -145,6 +145,11 @@ def finalize(study_name: str, url: str, target: str, scfg: SearchConfig, sdir: P
         best_path = res.write_best(best, Path(scfg.out), data, plot)
     elif (Path(scfg.out) / Path(best["build_dir"]).name / res.SEARCH_JSON).is_file():
         best_path = Path(scfg.out) / Path(best["build_dir"]).name
+    if write_best and not scfg.keep_trials:
+        n, freed = res.drop_dominated_artifacts(rows, pareto, best)
+        if n:
+            say(f"removed the model files of {n} trial(s) off the Pareto front ({freed / 1e6:.1f} MB; their "
+                "manifests and reports stay; --keep-trials keeps them)")
     done = sum(1 for r in rows if r["state"] == "COMPLETE")
     failed = [r for r in rows if r["state"] == "FAIL" and r["reason"]]
     say(f"{done} trials finished, {len(failed)} failed, Pareto front: {pareto or 'none feasible'}; "
