@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import EdgepackError
-from .names import PLAIN_NAME, PLAIN_NAME_RULE
+from .names import PLAIN_NAME, checked_name
 from .targets import Budgets, format_validation
 
 DEFAULT_CONFIG = "edgepack.toml"
@@ -95,9 +95,7 @@ class BuildConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v):
-        if v is not None and not BUILD_NAME.fullmatch(v):
-            raise ValueError(f"{PLAIN_NAME_RULE} (it names a directory under --out)")
-        return v
+        return checked_name(v, "a directory under --out")
 
     @field_validator("budgets_off")
     @classmethod

@@ -17,6 +17,14 @@ def is_plain_name(name: str) -> bool:
     return PLAIN_NAME.fullmatch(name) is not None
 
 
+def checked_name(name: str | None, names_what: str) -> str | None:
+    """`name` (or None) if it follows the rule, else the ValueError a pydantic validator shows;
+    `names_what`: what the name becomes, e.g. "a directory under --out"."""
+    if name is not None and not is_plain_name(name):
+        raise ValueError(f"{PLAIN_NAME_RULE} (it names {names_what})")
+    return name
+
+
 def plain_name(text: str) -> str:
     """`text` with every character the rule does not allow replaced by '_' (for file names made
     from names that were never checked, like a device's)."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..names import PLAIN_NAME, PLAIN_NAME_RULE
+from ..names import checked_name, is_plain_name
 
 SEARCH_SUFFIX = ".search"  # <out>/<study>.search/: the study file, the trial table, the plot, trial builds
 STUDY_DB = "study.db"
@@ -42,9 +42,7 @@ class SearchConfig(BaseModel):
     @field_validator("study")
     @classmethod
     def _plain(cls, v):
-        if v is not None and not PLAIN_NAME.fullmatch(v):
-            raise ValueError(f"{PLAIN_NAME_RULE} (it names the search directory)")
-        return v
+        return checked_name(v, "the search directory")
 
     @field_validator("storage")
     @classmethod
@@ -94,4 +92,4 @@ def default_study(build_name: str | None, model: str | None, target: str) -> str
                 name = Path(model).stem
     stem = Path(target).stem if target.endswith(".toml") else target
     out = f"{name}-{stem}".replace("_", "-")
-    return out if PLAIN_NAME.fullmatch(out) else "search"
+    return out if is_plain_name(out) else "search"
