@@ -272,6 +272,8 @@ def main() -> None:
     ap.add_argument("--emulated-samples", type=int, default=16,
                     help="samples of the 224 models run under emulation (ResNet-18 takes ~15 s each there)")
     ap.add_argument("--no-trained", action="store_true", help="skip the trained noisy-digits model")
+    ap.add_argument("--out", default="int8_scheme",
+                    help="result name in bench/results/ (e.g. int8_scheme_avx2 on a host without VNNI)")
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/edgepack").expanduser())
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -301,7 +303,7 @@ def main() -> None:
         doc["models"]["resnet18_quarter_digits_32"] = result | {"weights": "trained on noisy digits", "training": info,
                                                                 "test_samples": len(labels)}
         show("resnet18-quarter-digits-32 (trained)", result)
-    print(f"wrote {save('int8_scheme', doc)}")
+    print(f"wrote {save(args.out, doc)}")
 
 
 if __name__ == "__main__":
