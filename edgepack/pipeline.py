@@ -25,7 +25,7 @@ from .stages import qat
 from .stages.context import BuildContext, Progress
 from .targets import TargetProfile, load_profile
 
-BUILD_STAGES = [load, prune, factorize, cluster, sparsify, export, quantize, qat, tflite, fp16, validate, judge, write]
+BUILD_STAGES = [load, prune, factorize, cluster, sparsify, export, quantize, tflite, qat, fp16, validate, judge, write]
 DEVICE_STAGES = [deploy, bench]
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "numpy", "torch-pruning", "litert-torch",
              "ai-edge-litert")

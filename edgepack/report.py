@@ -119,7 +119,7 @@ def render(m: Manifest, sections: dict[str, Any]) -> str:
                   "Most sensitive nodes (SQNR lost in the node, dB):", "",
                   table(["node", "op", "SQNR dB", "lost dB"],
                         [[r["node"], r["op"], r["sqnr_db"], r["lost_db"]] for r in fb["ranking"][:10]]), ""]
-    for key in ("prune", "factorize", "cluster", "sparsify", "qat", "tflite", "fp16", "bench"):  # in pipeline order
+    for key in ("prune", "factorize", "cluster", "sparsify", "tflite", "qat", "fp16", "bench"):  # in pipeline order
         if sections.get(key):
             parts += [sections[key].rstrip(), ""]
     parts += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in m.versions.items()), "",

@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
         slimming_on: Optional[str] = typer.Option(None, "--slimming-on", help="what the sparsity penalty shrinks: bn_scale (BatchNorm scales) or group_norm"),
         sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured magnitude sparsity: this fraction of Conv/Linear weights zeroed (gradual schedule, distillation)"),
         sparsity_epochs: Optional[int] = typer.Option(None, "--sparsity-epochs", help="fine-tuning epochs over which sparsity ramps up"),
-        qat: bool = typer.Option(False, "--qat", help="quantization-aware training of the ONNX int8 artifact even when PTQ met the budgets"),
+        qat: bool = typer.Option(False, "--qat", help="quantization-aware training of the int8 artifacts (ONNX, and TFLite when the target makes it) even when PTQ met the budgets"),
         qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", help="QAT epochs (alone: QAT only when PTQ misses max_accuracy_drop)"),
         fp16: bool = typer.Option(False, "--fp16", help="also make model.fp16.onnx (and .tflite) on a target that does not list fp16"),
         device: Optional[str] = typer.Option(None, "--device", help="deploy to this device and benchmark there"),
