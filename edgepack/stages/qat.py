@@ -7,17 +7,26 @@ quantized by the same quantizer with the same scheme as the PTQ artifact (QDQ, s
 The QAT file replaces `model.int8.onnx` only when its drop on the choosing samples is lower than
 PTQ's; both drops are recorded. Enabled by a `[compress.qat]` table (BuildConfig.compress =
 {"qat": {...}}); without one a build whose fallback still missed the budget is told QAT exists.
-Cached by content (the float file, the module, the scheme, the data). TFLite is not covered:
-`model.int8.tflite` stays litert-torch's PT2E PTQ.
+Cached by content (the float file, the module, the scheme, the data).
+
+TFLite (when the target makes it): litert-torch's PT2E QAT (edgepack.compress.qat_tflite: the PTQ
+file's quantizer and scheme in QAT form, BatchNorm folded, distillation), converted by litert-torch;
+it replaces `model.int8.tflite` (PT2E PTQ, after the TFLite fallback) only when its drop on the
+choosing samples against `model.fp32.tflite` is lower. It needs the tflite stage's files, so this
+stage must run after `tflite`; run before it, the record says TFLite QAT was not done. Cached on
+its own key (the module, the layout, calibration, the data, the route's source).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..cache import hash_module
+from ..compress import qat_tflite
 from ..compress.qat import train_qat
 from ..onnx_tools.export import to_onnx
 from ..onnx_tools.inspect import float_nodes
@@ -31,10 +40,11 @@ from .cluster import training_data
 from .context import BuildContext
 from .tables import require_torch, validate_table
 from .export import FILE as FP32
-from .infer import predict_onnx
+from .infer import predict, predict_onnx
+from . import tflite as tflite_stage
 
 NAME = "qat"
-CANDIDATE = ".qat.int8.onnx"
+CANDIDATE, CANDIDATE_TFLITE = ".qat.int8.onnx", ".qat.int8.tflite"
 # QAT starts from trained weights: a few epochs of Adam at a small learning rate (compress.qat.fit
 # says why Adam; bench/compress_qat.py measured these).
 FINETUNE_DEFAULTS = {"epochs": 3, "lr": 1e-4, "patience": 2}
@@ -81,17 +91,18 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     record = {"scheme": scheme_name(q.scheme), "per_channel": q.scheme.per_channel, "ptq_drop": _round(ptq_drop),
               "drop_unit": unit, "budget": budget, "chosen_on": f"{len(choose)} choosing samples", "replaced": False}
     missed = budget is not None and ptq_drop is not None and ptq_drop > budget
-    if not (cfg.always or missed):
-        record["skipped"] = ("PTQ met max_accuracy_drop on the choosing samples" if budget is not None else
-                             "no max_accuracy_drop budget to aim at") + "; --qat (always = true) forces it"
-        ctx.say(f"qat: skipped ({record['skipped']})")
-        ctx.sections[NAME] = markdown(record)
-        return record
     train = training_data(ctx)
     if train is None:
         train = ctx.data.calib  # distillation needs no labels: the calibration samples can teach
         record["train_note"] = "no --train data: trained on the calibration samples by distillation"
     record["train_samples"] = len(train)
+    if "tflite" in ctx.profile.formats:
+        record["tflite"] = run_tflite(ctx, cfg, train)
+    if not (cfg.always or missed):
+        record["skipped"] = _skip_reason(budget)
+        ctx.say(f"qat: skipped for ONNX ({record['skipped']})")
+        ctx.sections[NAME] = markdown(record)
+        return record
     key = ctx.cache.key(NAME, config={**cfg.model_dump(), "scheme": q.scheme.model_dump()}, files=[fp32],
                         blobs=[hash_module(ctx.model.module)], versions=ctx.versions,
                         data=f"{ctx.data.calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
@@ -140,11 +151,98 @@ def _train(ctx: BuildContext, cfg: Config, q, train, cand: Path) -> dict:
     return rec
 
 
+def _skip_reason(budget) -> str:
+    return (("PTQ met max_accuracy_drop on the choosing samples" if budget is not None else
+             "no max_accuracy_drop budget to aim at") + "; --qat (always = true) forces it")
+
+
+def run_tflite(ctx: BuildContext, cfg: Config, train) -> dict:
+    """PT2E QAT for `model.int8.tflite`; replaces it when its drop on the choosing samples is lower."""
+    tfl, m, choose = ctx.records.get(tflite_stage.NAME), ctx.model, ctx.data.choose
+    if tfl is None or "int8" not in tfl:
+        why = (tfl or {}).get("skipped") or "the tflite stage had not run: the qat stage must run after it"
+        ctx.say(f"qat: no TFLite QAT ({why})")
+        return {"skipped": f"no TFLite QAT: {why}", "replaced": False}
+    layout, n_cal, budget = ctx.profile.layout, tfl["calibration_samples"], ctx.profile.budgets.max_accuracy_drop
+    fp32, int8, cand = ctx.work / tflite_stage.FP32, ctx.work / tflite_stage.INT8, ctx.work / CANDIDATE_TFLITE
+    reference = predict(fp32, m, choose, ctx.profile.threads, layout)
+    ref = measure(reference, m.outputs, choose.y, reference, ctx.metric)
+
+    def drop_of(path):
+        return drop(ref, measure(predict(path, m, choose, ctx.profile.threads, layout), m.outputs, choose.y,
+                                 reference, ctx.metric))
+    ptq_drop, unit = drop_of(int8)
+    rec = {"route": qat_tflite.ROUTE, "scheme": qat_tflite.SCHEME, "ptq_route": tfl.get("scheme"),
+           "ptq_drop": _round(ptq_drop), "drop_unit": unit, "reference": tflite_stage.FP32, "replaced": False,
+           "ptq_fallback": bool((tfl.get("fallback") or {}).get("replaced"))}
+    if not (cfg.always or (budget is not None and ptq_drop is not None and ptq_drop > budget)):
+        rec["skipped"] = _skip_reason(budget)
+        ctx.say(f"qat: skipped for TFLite ({rec['skipped']})")
+        return rec
+    calib = ctx.data.calib.sample(n_cal, seed=0)  # the tflite stage's calibration samples
+    metric = ctx.metric[0] if ctx.metric else ""
+    key = ctx.cache.key(f"{NAME}-tflite", config={**cfg.model_dump(), "layout": layout, "calibration_samples": n_cal,
+                                                  "inputs": [s.model_dump() for s in m.inputs], "route": qat_tflite.ROUTE},
+                        files=[Path(qat_tflite.__file__)], blobs=[hash_module(m.module), metric], versions=ctx.versions,
+                        data=f"{calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
+    stored = ctx.restore(f"{NAME} (TFLite)", key)
+    if stored is None:
+        stored = _train_tflite(ctx, cfg, train, calib, cand, layout)
+        ctx.store(f"{NAME} (TFLite)", key, {CANDIDATE_TFLITE: cand}, stored)
+    rec.update(stored)
+    qat_drop, _ = drop_of(cand)
+    rec["qat_drop"] = _round(qat_drop)
+    better = qat_drop is not None and ptq_drop is not None and qat_drop < ptq_drop
+    if better:
+        cand.replace(int8)
+        ctx.outputs[tflite_stage.INT8] = predict(int8, m, ctx.data.report, ctx.profile.threads, layout)
+        # the file's IO scales and ops are the QAT conversion's now: the manifest reads them from here
+        tfl["int8_ptq"], tfl["int8"], tfl["int8_route"] = tfl["int8"], rec["artifact"], "qat"
+        ctx.sections[tflite_stage.NAME] = ctx.sections.get(tflite_stage.NAME, "").rstrip() + (
+            "\n\n`model.int8.tflite` was then replaced by the quantization-aware-trained one (see Quantization-aware "
+            "training): the conversion figures above are the PT2E PTQ file's.\n")
+        rec["replaced"] = True
+    else:
+        cand.unlink(missing_ok=True)
+        tfl["int8_route"] = "ptq"
+    rec["met_budget"] = budget is None or min(x for x in (ptq_drop, qat_drop) if x is not None) <= budget
+    ctx.say(f"qat: TFLite drop {rec['qat_drop']} vs PTQ {rec['ptq_drop']} {unit} on {len(choose)} choosing samples: "
+            + ("model.int8.tflite is the QAT one" if better else "PTQ's model.int8.tflite is kept"))
+    return rec
+
+
+def _train_tflite(ctx: BuildContext, cfg: Config, train, calib, cand: Path, layout: str) -> dict:
+    from ..onnx_tools.export import FlatOutputs
+    m, ft = ctx.model, cfg.finetune_config()
+    t0 = time.perf_counter()
+    ctx.say(f"quantization-aware training for TFLite (litert-torch PT2E QAT, per-channel weights; {ft.epochs} epoch(s) "
+            f"on {len(train)} samples, distillation {'on' if ft.distill else 'off'})")
+    student, quant, example, rec = qat_tflite.train_qat_tflite(FlatOutputs(m.module).eval(), m.example_inputs(), train,
+                                                               ctx.data.choose, calib, ft, layout, len(calib), ctx.progress)
+    with ctx.progress.task("converting the QAT model to TFLite int8 (litert-torch)"):
+        art, converted = qat_tflite.convert_trained(student, quant, example, cand, layout, m.input_names, m.outputs)
+    # the file against the model it was made from (int8 simulated in PyTorch), on the choosing samples
+    got = predict(cand, m, ctx.data.choose, ctx.profile.threads, layout)
+    sim = qat_tflite.simulated_outputs(converted, ctx.data.choose.arrays(), layout)
+    g, e = got[0].astype(np.float64), sim[0].astype(np.float64)
+    rec["vs_simulated"] = {"max_abs_diff": round(float(np.abs(g - e).max()), 6),
+                           "relative_error": round(float(np.linalg.norm(g - e) / (np.linalg.norm(e) + 1e-12)), 6),
+                           "samples": len(ctx.data.choose)}
+    if g.ndim == 2 and g.shape[1] > 1:
+        rec["vs_simulated"]["top1_agreement"] = round(float((g.argmax(1) == e.argmax(1)).mean()), 4)
+    summary = rec.pop("finetune")
+    rec.update(artifact={k: art.get(k) for k in tflite_stage.KEEP}, epochs_run=summary["epochs_run"],
+               best_epoch=summary["best_epoch"], stopped=summary["stopped"], distill=summary["distill"],
+               train_loss=summary["train_loss"], seconds=round(time.perf_counter() - t0, 2))
+    return rec
+
+
 def markdown(record: dict) -> str:
     lines = ["## Quantization-aware training", ""]
     if record.get("skipped"):
-        return "\n".join(lines + [f"Not run: {record['skipped']} (PTQ drop {record['ptq_drop']} "
-                                  f"{record['drop_unit']} on {record['chosen_on']}).", ""]) + "\n"
+        lines += [f"ONNX: not run: {record['skipped']} (PTQ drop {record['ptq_drop']} {record['drop_unit']} on "
+                  f"{record['chosen_on']}).", ""]
+        return "\n".join(lines + _tflite_markdown(record)) + "\n"
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     lines += [f"{record['scheme']} ({'per-channel' if record['per_channel'] else 'per-tensor'} weights) simulated in "
               f"{record['layers']} Conv/Linear layer(s), BatchNorm {'folded' if record['batchnorm_folded'] else 'NOT folded (approximate)'}; "
@@ -159,7 +257,33 @@ def markdown(record: dict) -> str:
                else "QAT did not beat PTQ on the choosing samples: `model.int8.onnx` is PTQ's.")
               + (f" Budget {record['budget']}: {'met' if record['met_budget'] else 'still NOT met'}."
                  if record.get("budget") is not None else ""), ""]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tflite_markdown(record)) + "\n"
+
+
+def _tflite_markdown(record: dict) -> list[str]:
+    t = record.get("tflite")
+    if not t:
+        return []
+    lines = ["### TFLite", ""]
+    if t.get("skipped"):
+        drop = f" (PTQ drop {t['ptq_drop']} {t['drop_unit']})" if t.get("ptq_drop") is not None else ""
+        return lines + [f"Not run: {t['skipped']}{drop}; `model.int8.tflite` is litert-torch's PT2E PTQ.", ""]
+    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    vs = t.get("vs_simulated") or {}
+    lines += [f"Route: {t['route']}. Scheme: {t['scheme']}; {t['fake_quantizers']} activation fake quantizer(s), "
+              f"ranges initialised on {t['calibration_samples']} calibration samples; {t['epochs_run']} epoch(s), "
+              f"distillation {'on' if t['distill'] else 'off'}, {t['seconds']} s.", "",
+              f"| {t['drop_unit']} drop vs `{t['reference']}` on {record['chosen_on']} | PT2E PTQ"
+              f"{' (+ fallback)' if t.get('ptq_fallback') else ''} | PT2E QAT |", "|---|---:|---:|",
+              f"| | {t['ptq_drop']} | {t['qat_drop']} |", "",
+              f"Simulated int8 top-1 on the choosing samples (PyTorch): {pct(t['simulated_top1_before'])} before, "
+              f"{pct(t['simulated_top1_after'])} after training. The QAT `.tflite` against the trained model "
+              f"(int8 simulated in PyTorch) on {vs.get('samples')} samples: max abs diff {vs.get('max_abs_diff')}, "
+              f"relative error {vs.get('relative_error')}"
+              + (f", top-1 agreement {pct(vs['top1_agreement'])}" if "top1_agreement" in vs else "") + ".", "",
+              ("`model.int8.tflite` is the QAT artifact (litert-torch PT2E QAT)." if t["replaced"]
+               else "QAT did not beat PTQ on the choosing samples: `model.int8.tflite` is litert-torch's PT2E PTQ."), ""]
+    return lines
 
 
 def _round(v):
