@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import IO, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, ProgressColumn, SpinnerColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -102,10 +103,10 @@ class Progress:
         with self._lock:
             if self.json_mode:
                 self._event({"event": "message", "message": message})
-            elif self._bars is not None:
-                self._bars.console.print(f"[dim]{self._since():6.1f}s[/] {message}", markup=True)
+            elif self._bars is not None:  # escaped: stage messages name tables like [compress.qat]
+                self._bars.console.print(f"[dim]{self._since():6.1f}s[/] {escape(message)}", markup=True)
             else:
-                self._console.print(f"[dim]{self._since():6.1f}s[/] {message}")
+                self._console.print(f"[dim]{self._since():6.1f}s[/] {escape(message)}")
 
     def say(self, message: str) -> None:
         self(message)

@@ -164,3 +164,10 @@ def test_a_task_without_total_shows_no_count_on_a_terminal():
         os.close(slave)
     text = text.decode(errors="replace")
     assert "converting to TFLite int8, still" in text and "0/?" not in text and "eta" not in text
+
+
+def test_messages_keep_square_brackets(capfd):
+    """Stage messages name config tables; rich markup would eat "[compress.qat]" as a tag."""
+    Progress(every_s=0)("QAT exists: add a [compress.qat] table or pass --qat; [bold]not a tag[/]")
+    err = capfd.readouterr().err
+    assert "[compress.qat] table" in err and "[bold]not a tag[/]" in err

@@ -17,6 +17,7 @@ from contextlib import contextmanager, redirect_stdout
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import EdgepackError
 
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         console.quiet = False  # `-q` silences progress, never the reason a command failed
         if debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        # escaped: messages name config tables ("[compress.qat]") that rich would eat as markup
+        console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if e.hint:
-            console.print(f"[yellow]hint:[/] {e.hint}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if debug:
             raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
                       "  rerun with --debug for the traceback, and please report it")
         return 3
     finally:

@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
             pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
                                              train_ds, eval_ds, progress)
         for warning in record.warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         if record.ratio == 0.0:  # a latency goal the unpruned model already meets
             if as_json:
                 emit_json({"written": None, "record_file": None, "record": record.to_dict()})
