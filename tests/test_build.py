@@ -107,6 +107,23 @@ def test_onnx_input_skips_torch_stages(user_model, tmp_path):
     assert m.artifact("model.int8.onnx").metrics.accuracy >= 90
 
 
+def test_pruning_an_onnx_input_is_refused_unless_unpruned_is_allowed(user_model, tmp_path):
+    import torch
+    from edgepack.onnx_tools.export import to_onnx
+    onnx_path = to_onnx(user_model["module"], (torch.zeros(1, 3, 16, 16),), tmp_path / "mynet.onnx")
+    argv = ["build", "--model", str(onnx_path), "--calib", user_model["calib"], "--eval", user_model["eval"],
+            "--out", str(tmp_path / "d"), "-q", "--latency-runs", "5", "--prune", "0.5"]
+    code, _, err = run_cli(*argv)
+    assert code == 2 and "channel pruning needs the PyTorch model" in err and str(onnx_path) in err
+    assert "--prune / --prune-to-latency / [prune]" in err and "Traceback" not in err
+    assert not (tmp_path / "d" / "mynet-x86").exists()
+    code, _, err = run_cli(*argv, "--allow-unpruned")
+    assert code == 0, err
+    m = read_manifest(tmp_path / "d" / "mynet-x86")
+    assert "needs the PyTorch model" in m.stages["prune"]["skipped"]
+    assert "Skipped: channel pruning needs" in (tmp_path / "d" / "mynet-x86" / "report.md").read_text()
+
+
 def test_budget_failure_exits_1_with_report(user_model, tmp_path):
     code, stdout, err = run_cli("build", "--model", user_model["model"], "--weights", user_model["weights"],
                                 "--calib", user_model["calib"], "--out", str(tmp_path), "--budget", "size_mb=0.001",

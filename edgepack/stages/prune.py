@@ -7,6 +7,7 @@ from dataclasses import replace
 from ..errors import EdgepackError
 from ..prune import UnprunableModel, make_config, run_prune_stage
 from .context import BuildContext
+from .tables import require_torch
 
 NAME = "prune"
 
@@ -27,8 +28,17 @@ def prune_config(options: dict):
 
 def config(ctx: BuildContext):
     """The pruning options (edgepack.prune.PruneConfig); None when the build does not prune."""
-    if ctx.model.kind != "torch" or not ctx.cfg.prune:
+    if not ctx.cfg.prune:
         return None
+    if ctx.model.kind != "torch":  # asked for, not possible: refused like every compression stage
+        if ctx.cfg.prune.get("allow_unpruned"):
+            reason = f"channel pruning needs the PyTorch model, and {ctx.model.source or 'the input'} is an ONNX file"
+            ctx.say(f"warning: {reason}; going on unpruned as allowed")
+            ctx.records[NAME] = {"skipped": reason}
+            ctx.sections[NAME] = f"## Pruning\n\nSkipped: {reason}\n"
+            return None
+        require_torch(ctx, "channel pruning needs the PyTorch model: it removes channels from its layers and "
+                      "fine-tunes them", "--prune / --prune-to-latency / [prune] (or pass --allow-unpruned)")
     pcfg = prune_config(ctx.cfg.prune)
     if not pcfg.enabled:
         raise EdgepackError("pruning options were given without a goal",
