@@ -190,8 +190,10 @@ def _candidates(module: nn.Module, inputs, skip: list[str], skipped: list[dict],
     names = {n for n, _ in module.named_modules()}
     unknown = [s for s in skip if s not in names]
     if unknown:
+        layers = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
         raise EdgepackError(f"low-rank: skip names {', '.join(map(repr, unknown))}, which the model does not have",
-                            "use module names as in model.named_modules(), e.g. 'layers.0.conv1'")
+                            "use module names as in model.named_modules(); its Conv/Linear layers: "
+                            + (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "") or "none"))
     shapes = _call_shapes(module, inputs)
     out = []
     for name, m in module.named_modules():

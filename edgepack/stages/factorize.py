@@ -18,6 +18,7 @@ from ..errors import EdgepackError
 from ..prune.config import FinetuneConfig
 from ..prune.finetune import evaluate, finetune, has_class_ids
 from .context import BuildContext
+from .tables import require_torch
 
 NAME = "factorize"
 MAX_ROWS = 24  # per-layer rows in report.md; manifest.json has them all
@@ -68,10 +69,8 @@ def config(ctx: BuildContext) -> Config | None:
     options = (ctx.cfg.compress or {}).get("lowrank")
     if options is None:
         return None
-    if ctx.model.kind != "torch":
-        raise EdgepackError("low-rank factorization needs the PyTorch model; the input is an ONNX file",
-                            "build from the PyTorch model (--model file.py:factory --weights ...), or drop "
-                            "[compress.lowrank]")
+    require_torch(ctx, "low-rank factorization needs the PyTorch model: it rewrites and fine-tunes the layers",
+                  "--lowrank-energy / --lowrank-macs / [compress.lowrank]")
     return make_config(options, ctx.profile.simd_width)
 
 

@@ -43,7 +43,7 @@ def config(ctx: BuildContext) -> Config | None:
     """The sparsity options; None unless the build's [compress] table has a `sparsity` entry."""
     if not ctx.cfg.compress or "sparsity" not in ctx.cfg.compress:
         return None
-    require_torch(ctx, "magnitude sparsity needs a PyTorch model: it fine-tunes the weights", "[compress.sparsity]")
+    require_torch(ctx, "magnitude sparsity needs a PyTorch model: it fine-tunes the weights", "--sparsity / [compress.sparsity]")
     cfg = validate_table(Config, ctx.cfg.compress["sparsity"], "sparsity",
                          'target = 0.8, epochs = 2, schedule = "polynomial", skip = ["fc"]', Config.finetune_config)
     check_target(cfg.target)
