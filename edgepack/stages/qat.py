@@ -200,7 +200,7 @@ def run_tflite(ctx: BuildContext, cfg: Config, train) -> dict:
         tfl["int8_ptq"], tfl["int8"], tfl["int8_route"] = tfl["int8"], rec["artifact"], "qat"
         ctx.sections[tflite_stage.NAME] = ctx.sections.get(tflite_stage.NAME, "").rstrip() + (
             "\n\n`model.int8.tflite` was then replaced by the quantization-aware-trained one (see Quantization-aware "
-            "training): the conversion figures above are the PT2E PTQ file's.\n")
+            "training, below): the conversion figures above are the PT2E PTQ file's.\n")
         rec["replaced"] = True
     else:
         cand.unlink(missing_ok=True)
@@ -270,7 +270,7 @@ def _tflite_markdown(record: dict) -> list[str]:
         return lines + [f"Not run: {t['skipped']}{drop}; `model.int8.tflite` is litert-torch's PT2E PTQ.", ""]
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     vs = t.get("vs_simulated") or {}
-    lines += [f"Route: {t['route']}. Scheme: {t['scheme']}; {t['fake_quantizers']} activation fake quantizer(s), "
+    lines += [f"Route: {t['route']}. Scheme: {t['scheme']}; {t['fake_quantizers']} fake quantizers (weights and activations), "
               f"ranges initialised on {t['calibration_samples']} calibration samples; {t['epochs_run']} epoch(s), "
               f"distillation {'on' if t['distill'] else 'off'}, {t['seconds']} s.", "",
               f"| {t['drop_unit']} drop vs `{t['reference']}` on {record['chosen_on']} | PT2E PTQ"
