@@ -363,6 +363,11 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
                     with guard.paused():
                         between_steps(step, pruned)
             if not session.pruner.pruning_history():
+                if cfg.importance == "bn_scale" and not session.protected:
+                    raise UnprunableModel(
+                        f"importance bn_scale ranks channels by their BatchNorm scales, and no prunable channel "
+                        f"group of {name} has a BatchNorm layer", "prune with --prune-importance l2 (or l1, taylor, "
+                        "entropy)")
                 raise UnprunableModel(
                     f"no channel group of {name} could be pruned exactly: "
                     + "; ".join(f"{', '.join(p['layers'])}: {p['reason']}" for p in session.protected[:5]),

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from typing import Callable
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..progress import reporter_and_events
@@ -17,6 +15,7 @@ from .finetune import evaluate, finetune, has_class_ids
 from .latency import ratio_for_macs, search_latency_ratio
 from .measure import count_macs_params, flat_tensors
 from .record import PruneRecord
+from .slimming import sparsity_hook
 
 # progress=: an edgepack.progress.Progress (tasks and messages), or a callable taking event dicts
 # ({"stage": "prune" | "fine-tune" | "latency search" | "MACs search", ...}).
@@ -112,25 +111,18 @@ def search_config(cfg: PruneConfig) -> PruneConfig:
 
 def sparsity_train(model: nn.Module, example_inputs, cfg: PruneConfig, teacher: nn.Module | None, train,
                    progress=None) -> tuple[nn.Module, dict]:
-    """Sparsity training (cfg.slimming) of a copy of `model`: distillation fine-tuning with
-    torch-pruning's sparse-training hook added to the gradients each step (BNScalePruner:
-    l1 * sign(gamma) on every BatchNorm scale; GroupNormPruner: a group-lasso on each channel
-    group). The last epoch is kept (the best eval epoch would be the least sparse). Returns the
+    """Sparsity training (cfg.slimming) of a copy of `model`: distillation fine-tuning with a
+    sparsity penalty added to the gradients each step (slimming.py: l1 * sign(gamma) on the
+    BatchNorm scales of the prunable groups, or torch-pruning's GroupNormPruner group lasso). The last epoch is kept (the best eval epoch would be the least sparse). Returns the
     model and the run's summary, with the BatchNorm scales before and after."""
     sp = cfg.slimming
     student = copy.deepcopy(model).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if sp.on == "bn_scale":
-            pruner = tp.pruner.BNScalePruner(student, example_inputs, tp.importance.BNScaleImportance(), reg=sp.l1)
-        else:
-            pruner = tp.pruner.GroupNormPruner(student, example_inputs, tp.importance.GroupMagnitudeImportance(p=2),
-                                               reg=sp.l1)
+    regularize = sparsity_hook(student, example_inputs, cfg)
     before = bn_scale_summary(student)
     ft = cfg.finetune.model_copy(update={"epochs": sp.epochs, "patience": None, "max_minutes": None,
                                          "lr": sp.lr or cfg.finetune.lr})
     summary = finetune(student, teacher, train, None, ft, progress, label="sparsity training",
-                       regularize=pruner.regularize)
+                       regularize=regularize)
     summary.update(phase="sparsity training", penalty=sp.on, l1=sp.l1, bn_scales_before=before,
                    bn_scales_after=bn_scale_summary(student))
     return student.eval(), summary
