@@ -52,11 +52,16 @@ def args_parser():
     p.add_argument("--ft-seeds-on-seed0", action="store_true",
                    help="instead: N fine-tuning seeds on the seed-0 baseline (when baselines are too slow to train)")
     p.add_argument("--clusters", type=int, default=16)
-    p.add_argument("--variants", default="layer,scaled", help="layer: k values per layer; scaled: one codebook times each channel's max |w|")
+    p.add_argument("--variants", default="scaled,scaled:0.04",
+                   help="layer: k values per layer; scaled: one codebook times each channel's max |w|; "
+                        "<kind>:<rate>: entropy-constrained k-means at that rate (edgepack.compress.cluster.kmeans_1d)")
     p.add_argument("--ft-epochs", type=int, default=1)
     p.add_argument("--ft-lr", type=float, default=0.005)
     p.add_argument("--ft-minutes", type=float, default=8.0, help="cap per fine-tuning run")
+    p.add_argument("--scale-bits", type=int, default=4,
+                   help="also measure every int8 file with its per-channel weight scales rounded to this many mantissa bits (0: no)")
     p.add_argument("--seed-list", default="", help="explicit baseline seeds, e.g. 1,2")
+    p.add_argument("--merge", default="", help="comma-separated JSONs of parallel runs: merge them into --out")
     p.add_argument("--baselines-only", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the png from the JSON (e.g. of a cut-short run)")
     p.add_argument("--wait-minutes", type=float, default=40, help="wait this long for a baseline another process trains")
@@ -129,9 +134,34 @@ def int8_artifact(model, path: Path, calib, scheme) -> dict:
     fp32 = to_onnx(model.eval(), (torch.zeros(1, 1, 32, 32),), path.with_suffix(".fp32.onnx"))
     int8 = path.with_suffix(".int8.onnx")
     quantize_onnx(fp32, int8, calib, scheme)
+    from cluster_bytes import bytes_by_kind
     distinct = int8_distinct_per_channel(int8)
     return {"fp32": fp32, "int8": int8, "fp32_size": compressed_sizes(fp32), "int8_size": compressed_sizes(int8),
-            "int8_max_distinct_per_channel": max(distinct.values()), "int8_weight_tensors": len(distinct)}
+            "int8_max_distinct_per_channel": max(distinct.values()), "int8_weight_tensors": len(distinct),
+            "int8_max_distinct_per_tensor": max(int8_distinct_per_tensor(int8).values()),
+            "bytes_by_kind": bytes_by_kind(int8)}
+
+
+def rounded_scales(art: dict, data, bits: int, max_codes: int | None) -> dict:
+    """The int8 file with its per-channel weight scales rounded to `bits` mantissa bits
+    (edgepack.compress.int8_scales), its sizes, top-1 and its outputs against the unrounded file."""
+    from edgepack.compress.int8_scales import max_logit_change, round_weight_scales
+    from edgepack.compress.size import compressed_sizes
+    dst = art["int8"].with_suffix(f".scales{bits}.onnx")
+    rec = round_weight_scales(art["int8"], dst, bits, max_codes)
+    return {**onnx_top1(dst, data), "size": compressed_sizes(dst), "rounding": rec,
+            "outputs_vs_unrounded": max_logit_change(art["int8"], dst, data.x[:512])}
+
+
+def int8_distinct_per_tensor(path) -> dict:
+    from edgepack.compress.cluster import int8_distinct_per_tensor as per_tensor
+    return per_tensor(path)
+
+
+def ratios(plain: dict, mine: dict) -> dict:
+    """plain int8 / clustered int8 for every compressor measured (the same one on both sides)."""
+    keys = ("deflate_bytes", "deflate_filtered_bytes", "deflate_huffman_bytes", "xz_bytes", "zstd_bytes")
+    return {k: round(plain[k] / mine[k], 3) for k in keys if plain.get(k) and mine.get(k)}
 
 
 def one_run(name: str, seed: int, ft_seed: int, args, scheme, tmp: Path, log) -> dict:
@@ -145,13 +175,17 @@ def one_run(name: str, seed: int, ft_seed: int, args, scheme, tmp: Path, log) ->
            "fp32": torch_top1(teacher, task.test)}
     plain = int8_artifact(teacher, tmp / f"{name}-s{seed}-plain", calib, scheme)
     row["plain_int8"] = {**onnx_top1(plain["int8"], task.test), "size": plain["int8_size"],
-                         "fp32_size": plain["fp32_size"], "max_distinct_per_channel": plain["int8_max_distinct_per_channel"]}
+                         "fp32_size": plain["fp32_size"], "max_distinct_per_channel": plain["int8_max_distinct_per_channel"],
+                         "max_distinct_per_tensor": plain["int8_max_distinct_per_tensor"], "bytes_by_kind": plain["bytes_by_kind"]}
+    if args.scale_bits:
+        row["plain_int8_scales_rounded"] = rounded_scales(plain, task.test, args.scale_bits, None)
     log(f"{name} seed {seed}: fp32 {row['fp32']['top1']}, plain int8 {row['plain_int8']['top1']}, "
         f"int8 {plain['int8_size']['raw_bytes']:,} B -> deflate {plain['int8_size']['deflate_bytes']:,} B")
     row["variants"] = {}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        student, rec = cluster(copy.deepcopy(teacher), args.clusters, scaled=(variant == "scaled"))
+        kind, _, rate = variant.partition(":")
+        student, rec = cluster(copy.deepcopy(teacher), args.clusters, scaled=(kind == "scaled"), rate=float(rate or 0))
         clustered = torch_top1(student, task.test)
         cfg = FinetuneConfig(epochs=args.ft_epochs, lr=args.ft_lr, seed=ft_seed, patience=None,
                              max_minutes=args.ft_minutes, distill=True)
@@ -162,16 +196,30 @@ def one_run(name: str, seed: int, ft_seed: int, args, scheme, tmp: Path, log) ->
         q = onnx_top1(art["int8"], task.test)
         v = {"clustered_fp32": clustered, "finetuned_fp32": tuned, "int8": {**q, "size": art["int8_size"]},
              "fp32_size": art["fp32_size"], "int8_max_distinct_per_channel": art["int8_max_distinct_per_channel"],
+             "int8_max_distinct_per_tensor": art["int8_max_distinct_per_tensor"], "bytes_by_kind": art["bytes_by_kind"],
+             "clusters_used_max": max(layer.clusters for layer in rec.layers),
+             "rel_error_max": max(layer.rel_error for layer in rec.layers),
+             "ratio_vs_plain_int8_by_compressor": ratios(plain["int8_size"], art["int8_size"]),
              "clustered_layers": len(rec.layers), "skipped": rec.skipped,
              "finetune": {k: summary[k] for k in ("epochs_run", "seconds", "eval_acc_before", "eval_acc_after", "best_epoch")},
              "compressed_ratio_vs_plain_int8": round(plain["int8_size"]["deflate_bytes"] / art["int8_size"]["deflate_bytes"], 3),
              "drop_vs_plain_int8": round(row["plain_int8"]["top1"] - q["top1"], 3),
              "drop_vs_fp32": round(row["fp32"]["top1"] - q["top1"], 3), "seconds": round(time.perf_counter() - t0, 1)}
+        if args.scale_bits:
+            r = rounded_scales(art, task.test, args.scale_bits, args.clusters)
+            pr = row["plain_int8_scales_rounded"]
+            v["scales_rounded"] = {**r, "ratio_vs_plain_int8": round(plain["int8_size"]["deflate_bytes"] / r["size"]["deflate_bytes"], 3),
+                                   "ratio_vs_plain_int8_scales_rounded": round(pr["size"]["deflate_bytes"] / r["size"]["deflate_bytes"], 3),
+                                   "drop_vs_plain_int8": round(row["plain_int8"]["top1"] - r["top1"], 3)}
+            log(f"  {variant} + scales rounded to {args.scale_bits} bits: int8 {r['top1']}, deflate {r['size']['deflate_bytes']:,} B = "
+                f"{v['scales_rounded']['ratio_vs_plain_int8']}x vs plain int8, "
+                f"{v['scales_rounded']['ratio_vs_plain_int8_scales_rounded']}x vs plain int8 with its scales rounded too")
         row["variants"][variant] = v
         log(f"  {variant}: clustered {clustered['top1']}, fine-tuned {tuned['top1']}, int8 {q['top1']} "
             f"(drop vs plain int8 {v['drop_vs_plain_int8']}), int8 deflate {art['int8_size']['deflate_bytes']:,} B "
-            f"= {v['compressed_ratio_vs_plain_int8']}x smaller than plain, max distinct/channel "
-            f"{art['int8_max_distinct_per_channel']} ({v['seconds']} s)")
+            f"= {v['compressed_ratio_vs_plain_int8']}x smaller than plain ({v['ratio_vs_plain_int8_by_compressor']}), "
+            f"max distinct/channel {art['int8_max_distinct_per_channel']}, /tensor {art['int8_max_distinct_per_tensor']} "
+            f"({v['seconds']} s)")
     return row
 
 
@@ -188,11 +236,19 @@ def summarize(rows: list[dict], clusters: int) -> dict:
                 return {"mean": round(float(np.mean(xs)), 3),
                         "se": round(float(np.std(xs, ddof=1) / math.sqrt(len(xs))), 3) if len(xs) > 1 else None,
                         "runs": len(xs)}
+            by = {c: mean_se([v["ratio_vs_plain_int8_by_compressor"][c] for v in vs])
+                  for c in vs[0].get("ratio_vs_plain_int8_by_compressor", {})}
             out[f"{name}/{variant}"] = {
                 "compressed_ratio_vs_plain_int8": mean_se(ratio), "drop_vs_plain_int8": mean_se(drop),
+                "ratio_vs_plain_int8_by_compressor": by,
                 "drop_vs_fp32": mean_se([v["drop_vs_fp32"] for v in vs]),
                 "goal": f"ratio >= 2 and drop <= 1.0 point ({clusters} clusters)",
                 "met": bool(np.mean(ratio) >= 2.0 and np.mean(drop) <= 1.0) if vs else False}
+            rs = [v["scales_rounded"] for v in vs if "scales_rounded" in v]
+            if rs:
+                out[f"{name}/{variant}"]["scales_rounded"] = {
+                    k: mean_se([r[k] for r in rs])
+                    for k in ("ratio_vs_plain_int8", "ratio_vs_plain_int8_scales_rounded", "drop_vs_plain_int8")}
     return out
 
 
@@ -207,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
         c = colors.get(r["model"], "k")
         ax.scatter(r["plain_int8"]["size"]["deflate_bytes"] / 1e3, r["plain_int8"]["top1"], color=c, marker="o")
         for variant, v in r["variants"].items():
-            ax.scatter(v["int8"]["size"]["deflate_bytes"] / 1e3, v["int8"]["top1"], color=c, marker=markers.get(variant, "x"))
+            ax.scatter(v["int8"]["size"]["deflate_bytes"] / 1e3, v["int8"]["top1"], color=c, marker=markers.get(variant.partition(":")[0], "x"))
     for name, c in colors.items():
         ax.scatter([], [], color=c, label=name)
     for variant, m in markers.items():
@@ -254,7 +310,8 @@ def run_all(args, names: list[str], seeds: list[int]) -> None:
 def save(doc: dict, out: Path) -> None:
     import os
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc["machine"]["loadavg_end"] = list(os.getloadavg())
+    if isinstance(doc["machine"], dict):
+        doc["machine"]["loadavg_end"] = list(os.getloadavg())
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(out)
@@ -264,6 +321,16 @@ def main(argv=None):
     args = args_parser().parse_args(argv)
     torch.set_num_threads(1)  # 2 cores shared by several agents: two threads ran 6x slower
     names = args.models.split(",")
+    if args.merge:  # runs made in parallel (one per model), one JSON and png
+        docs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        doc = {**docs[0], "command": [d["command"] for d in docs], "machine": [d["machine"] for d in docs],
+               "finetune": [d["finetune"] for d in docs], "rows": [r for d in docs for r in d["rows"]],
+               "seconds": [d.get("seconds") for d in docs], "merged_from": args.merge.split(",")}
+        doc["summary"] = summarize(doc["rows"], doc["clusters"])
+        save(doc, args.out)
+        plot(doc["rows"], args.out.with_suffix(".png"))
+        print(json.dumps(doc["summary"], indent=1))
+        return
     if args.plot_only:
         plot(json.loads(args.out.read_text())["rows"], args.out.with_suffix(".png"))
         return

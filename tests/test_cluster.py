@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edgepack.compress.cluster import (clusterable_layers, cluster, clusters_kept, distinct_values, int8_codes,
-                                       int8_distinct_per_channel, kmeans_1d)
+                                       int8_distinct_per_channel, int8_distinct_per_tensor, kmeans_1d)
 from edgepack.data import Dataset
 from edgepack.errors import EdgepackError
 from edgepack.onnx_tools.export import to_onnx
@@ -120,6 +120,78 @@ def test_scaled_codebook_shares_int8_codes_across_channels():
         assert len(np.unique(int8_codes(clusterable_layers(model)[layer.name].weight))) > 16
     with pytest.raises(EdgepackError, match="exclude each other"):
         cluster(copy.deepcopy(model), 16, scaled=True, per_channel=True)
+
+
+def entropy(assignment: torch.Tensor) -> float:
+    p = torch.bincount(assignment.reshape(-1)).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def test_entropy_constrained_kmeans_trades_error_for_bits():
+    x = torch.from_numpy(np.random.default_rng(0).laplace(size=20_000))
+    prev_h, prev_err = None, None
+    for rate in (0.0, 0.02, 0.05, 0.1):
+        c, a = kmeans_1d(x, 16, rate=rate)
+        assert len(c) <= 16 and torch.all(c[1:] > c[:-1]) and int(a.max()) == len(c) - 1
+        err, h = float((c[a] - x).square().mean()), entropy(a)
+        if prev_h is not None:
+            assert h < prev_h - 0.05 and err > prev_err  # fewer bits, more error
+        prev_h, prev_err = h, err
+    assert prev_h < 2.2 < 3.1 < entropy(kmeans_1d(x, 16)[1])  # Laplace: 3.18 bits at rate 0, 1.98 at 0.1
+    assert torch.equal(kmeans_1d(x, 16, rate=0.0)[1], kmeans_1d(x, 16)[1])
+    with pytest.raises(EdgepackError, match="rate must be a number from 0 to 1"):
+        cluster(small_net(), 16, rate=-0.1)
+
+
+def test_scaled_centroids_sit_on_the_int8_grid_through_finetuning():
+    model = small_net()
+    student, rec = cluster(copy.deepcopy(model), 16, scaled=True, rate=0.03)
+    with clusters_kept(student, rec):
+        opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        for _ in range(3):
+            loss = student(torch.randn(8, 3, 16, 16)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for layer in rec.layers:
+        w = clusterable_layers(student)[layer.name].weight.detach().double()
+        m = w.abs().reshape(w.shape[0], -1).amax(1).reshape(-1, *[1] * (w.dim() - 1))
+        steps = w / m * 127  # every weight is a whole number of 1/127 steps of its channel's max
+        assert torch.allclose(steps, steps.round(), atol=1e-4)
+        assert len(np.unique(int8_codes(w))) <= 16
+
+
+def test_clustered_int8_file_has_k_codes_per_tensor_and_compresses(tmp_path):
+    """ResNet-18 (width 0.25): every int8 weight tensor of the clustered file, classifier and first
+    conv included, holds at most 16 codes; the file deflates to well under plain int8's; ONNX
+    Runtime runs it and agrees with the clustered PyTorch model."""
+    from edgepack.compress.size import compressed_bytes
+    from edgepack.runtime import open_model
+    torch.manual_seed(0)
+    model = resnet18(10, 1, small_input=True, width=0.25).eval()
+    rng = np.random.default_rng(0)
+    calib = Dataset(rng.standard_normal((64, 1, 32, 32)).astype(np.float32), np.zeros(64, np.int64), "random",
+                    [str(i) for i in range(10)])
+    scheme, _ = scheme_for_build(load_profile("x86"))
+    clustered, rec = cluster(copy.deepcopy(model), 16, scaled=True, rate=0.03)
+    assert not rec.skipped and len(rec.layers) == len(clusterable_layers(model))
+    sizes, files = {}, {}
+    for label, m in (("plain", model), ("clustered", clustered)):
+        fp32 = to_onnx(m, (torch.zeros(1, 1, 32, 32),), tmp_path / f"{label}.onnx")
+        files[label] = tmp_path / f"{label}.int8.onnx"
+        quantize_onnx(fp32, files[label], calib, scheme)
+        sizes[label] = compressed_bytes(files[label])
+    per_tensor = int8_distinct_per_tensor(files["clustered"])
+    assert len(per_tensor) == len(rec.layers)
+    assert max(per_tensor.values()) <= 16 < min(int8_distinct_per_tensor(files["plain"]).values())
+    assert sizes["clustered"] < 0.6 * sizes["plain"], sizes
+    x = calib.x[:16]
+    got = np.asarray(open_model(files["clustered"], 1).run([x])[0])
+    with torch.no_grad():
+        ref = clustered(torch.from_numpy(x)).numpy()
+    assert got.shape == ref.shape == (16, 10)
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
 
 
 def test_outputs_stay_close_at_256_clusters():

@@ -42,6 +42,7 @@ from ..errors import EdgepackError
 MAX_CLUSTERS = 256  # int8 holds 256 values: more clusters could not share anything
 INITS = ("linear", "kmeans++")
 KMEANS_ITERS = 50
+INT8_MAX = 127
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ClusterRecord:
     per_channel: bool
     init: str
     scaled: bool = False
+    rate: float = 0.0
     layers: list[LayerClusters] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
     # name -> (centroids, index, scale or None): what `attach` trains; not part of the JSON
@@ -69,7 +71,8 @@ class ClusterRecord:
         return sum(layer.weights for layer in self.layers)
 
     def to_dict(self) -> dict:
-        return {"clusters": self.clusters, "per_channel": self.per_channel, "scaled": self.scaled, "init": self.init,
+        return {"clusters": self.clusters, "per_channel": self.per_channel, "scaled": self.scaled, "rate": self.rate,
+                "init": self.init,
                 "clustered_layers": len(self.layers), "clustered_weights": self.clustered_weights,
                 "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
 
@@ -93,9 +96,12 @@ def check_clusters(clusters) -> int:
 
 
 def kmeans_1d(values: torch.Tensor, k: int, init: str = "linear", seed: int = 0,
-              iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+              iters: int = KMEANS_ITERS, rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on scalars: (centroids (m,), assignment like `values`), m <= k centroids in
-    use, ascending. Values with at most k distinct entries get exactly those as centroids."""
+    use, ascending. Values with at most k distinct entries get exactly those as centroids.
+    `rate` > 0: entropy-constrained (Chou, Lookabaugh & Gray 1989): a value goes to the centroid
+    minimising (x - c)^2 + rate * var(x) * -log2 p(c), so the assignment costs fewer bits to code
+    (bigger clusters grow, some may empty) for a larger squared error."""
     x = values.detach().reshape(-1).double()
     unique, inverse = torch.unique(x, return_inverse=True)
     if len(unique) <= k:
@@ -105,20 +111,37 @@ def kmeans_1d(values: torch.Tensor, k: int, init: str = "linear", seed: int = 0,
     xs = x.sort().values
     prefix = torch.cat([torch.zeros(1, dtype=x.dtype), xs.cumsum(0)])
     n = torch.tensor([len(xs)])
+    penalty = torch.zeros_like(c)  # rate * var * code length of each centroid, bits
+    lam = float(rate) * float(x.var()) if rate else 0.0
     for _ in range(iters):
-        ends = torch.cat([torch.searchsorted(xs, (c[1:] + c[:-1]) / 2, right=True), n])
+        bounds = _bounds(c, penalty)
+        ends = torch.cat([torch.searchsorted(xs, bounds, right=True), n])
         starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
         counts = ends - starts
+        if lam:  # empty cells are dropped: their code length is infinite
+            keep = counts > 0
+            c = ((prefix[ends] - prefix[starts]) / counts.clamp(min=1))[keep]
+            penalty = -lam * torch.log2(counts[keep].double() / len(xs))
+            if len(c) == 1:
+                break
+            continue
         new = torch.where(counts > 0, (prefix[ends] - prefix[starts]) / counts.clamp(min=1), c).sort().values
         if torch.equal(new, c):
             break
         c = new
-    a = torch.bucketize(x, (c[1:] + c[:-1]) / 2)
+    a = torch.bucketize(x, _bounds(c, penalty))
     used = torch.unique(a)  # drop empty clusters; renumber densely
     remap = torch.full((k,), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     centroids = torch.zeros(len(used), dtype=x.dtype).index_add_(0, remap[a], x) / torch.bincount(remap[a])
     return centroids.to(values.dtype), remap[a].reshape(values.shape)
+
+
+def _bounds(c: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Cell boundaries of ascending centroids: where (x - c_j)^2 + pen_j = (x - c_j+1)^2 + pen_j+1
+    (the midpoints when the penalties are equal); made non-decreasing (a crossed cell is empty)."""
+    mid = (c[1:] + c[:-1]) / 2 + (penalty[1:] - penalty[:-1]) / (2 * (c[1:] - c[:-1]).clamp(min=1e-30))
+    return torch.cummax(mid, 0).values if len(mid) else mid
 
 
 def _init(x: torch.Tensor, k: int, init: str, seed: int) -> torch.Tensor:
@@ -137,18 +160,23 @@ def _init(x: torch.Tensor, k: int, init: str, seed: int) -> torch.Tensor:
 
 
 def _layer_codebook(weight: torch.Tensor, k: int, per_channel: bool, axis: int, init: str,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int, rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids (k_total,), flat index into them shaped like weight)."""
     if not per_channel:
-        return kmeans_1d(weight, k, init, seed)
+        return kmeans_1d(weight, k, init, seed, rate=rate)
     w = weight.detach().movedim(axis, 0)
     books, index, offset = [], torch.empty(w.shape, dtype=torch.long), 0
     for ch in range(w.shape[0]):
-        c, a = kmeans_1d(w[ch], k, init, seed + ch)
+        c, a = kmeans_1d(w[ch], k, init, seed + ch, rate=rate)
         books.append(c)
         index[ch] = a + offset
         offset += len(c)
     return torch.cat(books), index.movedim(0, axis).contiguous()
+
+
+def snap(c: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] rounded to the symmetric int8 grid (multiples of 1/127)."""
+    return torch.round(c * INT8_MAX) / INT8_MAX
 
 
 def channel_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
@@ -159,21 +187,23 @@ def channel_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.where(m > 0, m, torch.ones_like(m)).reshape(shape)
 
 
-def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: int):
+def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: int, rate: float = 0.0):
     """One codebook in [-1, 1] for w / max|w| of its channel, with -1 and +1 kept as centroids:
     every channel's largest |value| is then exactly its scale, so per-channel int8 codes are
     round(127 * c) in every channel, one shared set of at most k codes per layer."""
     scale = channel_max(weight, axis)
     u = (weight.detach() / scale).clamp(-1, 1)
-    inner = u[(u > -1) & (u < 1)]
-    c = kmeans_1d(inner, k - 2, init, seed)[0] if inner.numel() else u.new_zeros(0)
-    centroids = torch.cat([u.new_tensor([-1.0]), c, u.new_tensor([1.0])]).unique()
-    index = torch.bucketize(u.reshape(-1).double(), ((centroids[1:] + centroids[:-1]) / 2).double())
-    return centroids, index.reshape(u.shape), scale
+    is_inner = (u > -1) & (u < 1)
+    c, a = kmeans_1d(u[is_inner], k - 2, init, seed, rate=rate) if is_inner.any() else (u.new_zeros(0), None)
+    centroids = snap(torch.cat([u.new_tensor([-1.0]), c, u.new_tensor([1.0])]))
+    index = torch.where(u > 0, len(c) + 1, 0)  # the channel maxima: -1 and +1
+    if a is not None:
+        index[is_inner] = a + 1
+    return centroids, index, scale
 
 
 def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = False, init: str = "linear",
-            seed: int = 0, scaled: bool = False) -> tuple[nn.Module, ClusterRecord]:
+            seed: int = 0, scaled: bool = False, rate: float = 0.0) -> tuple[nn.Module, ClusterRecord]:
     """Cluster every Conv/Linear weight of `module` in place (see the module docstring); returns
     (module, record). `skip` holds layer names or fnmatch patterns left as they are. Layers with
     fewer weights than `clusters` are skipped, with the reason in the record. `scaled`: one
@@ -194,7 +224,10 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
     if unmatched:
         raise EdgepackError(f"cluster skip {', '.join(map(repr, unmatched))} names no Conv/Linear layer of the model",
                             f"layer names look like {', '.join(list(layers)[:4])}")
-    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise EdgepackError(f"cluster rate must be a number from 0 to 1, not {rate!r}",
+                            "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
+    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate))
     seen: dict[int, str] = {}
     for name, layer in layers.items():
         weight = layer.weight
@@ -212,10 +245,10 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
             record.skipped.append({"layer": name, "reason": reason})
             continue
         if scaled:
-            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed)
+            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed, rate)
             new = (centroids[index] * scale).to(weight.dtype)
         else:
-            centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed)
+            centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed, rate)
             new, scale = centroids[index].to(weight.dtype), None
         record.codebooks[name] = (centroids.to(weight.dtype), index, scale)
         err = float((weight.detach() - new).norm() / weight.detach().norm().clamp(min=1e-30))
@@ -262,8 +295,9 @@ class ClusteredWeight(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:  # `original` is ignored: it no longer trains
         c = self.centroids
-        if self.scaled:
+        if self.scaled:  # on the int8 grid (straight-through): what the int8 file will hold, exactly
             c = torch.where(self.fixed, c.detach(), c.clamp(-1, 1))
+            c = c + (snap(c) - c).detach()
         return _GatherMeanGrad.apply(c, self.index, self.counts) * self.scale
 
 
@@ -341,4 +375,20 @@ def int8_distinct_per_channel(onnx_path) -> dict[str, int]:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         out[node.input[0]] = distinct_per_channel(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1))
+    return out
+
+
+def int8_distinct_per_tensor(onnx_path) -> dict[str, int]:
+    """Per int8 weight initializer of an ONNX model (those a DequantizeLinear reads), its number of
+    distinct int8 values: at most k for a layer clustered with `scaled` (one set of codes)."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = numpy_helper.to_array(inits[node.input[0]])
+            if w.dtype == np.int8 and w.ndim >= 2:
+                out[node.input[0]] = int(len(np.unique(w)))
     return out

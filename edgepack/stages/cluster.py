@@ -12,6 +12,7 @@ import copy
 from dataclasses import replace
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..compress.cluster import (INITS, check_clusters, cluster, clusterable_layers, clusters_kept,
@@ -27,6 +28,7 @@ NAME = "cluster"
 # Fine-tuning a clustered model only moves centroids (and BatchNorm, biases): a short schedule
 # at a smaller learning rate than pruning's (bench/compress_cluster.py).
 FINETUNE_DEFAULTS = {"epochs": 3, "lr": 0.005, "patience": 2}
+RATE_DEFAULT = 0.0
 
 
 class Config(BaseModel):
@@ -35,8 +37,10 @@ class Config(BaseModel):
     clusters: int = Field(16, description="values per layer (2..256)")
     skip: list[str] = Field(default_factory=list, description="layer names or fnmatch patterns left unclustered")
     per_channel: bool = Field(False, description="k centroids per output channel instead of per layer")
-    scaled: bool = Field(False, description="one codebook per layer times each output channel's max |w|: "
-                                            "the same k int8 codes in every channel")
+    scaled: bool | None = Field(None, description="one codebook per layer times each output channel's max |w|: "
+                                                  "the same k int8 codes in every channel (default: on unless per_channel)")
+    rate: float = Field(RATE_DEFAULT, ge=0, le=1, description="entropy-constrained k-means: weight of the code length "
+                                                            "(0: plain k-means; larger: fewer bits, more error)")
     init: Literal[INITS] = "linear"
     seed: int = 0
     finetune: dict = Field(default_factory=dict, description="edgepack.prune.FinetuneConfig keys")
@@ -51,6 +55,8 @@ def config(ctx: BuildContext) -> Config | None:
                          'clusters = 16, skip = ["fc"], [compress.cluster.finetune] epochs = 3',
                          lambda c: FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **c.finetune}))
     check_clusters(cfg.clusters)
+    if cfg.scaled is None:
+        cfg.scaled = not cfg.per_channel
     return cfg
 
 
@@ -61,8 +67,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     teacher = loaded.module.eval()
     student = copy.deepcopy(teacher)
     say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'}"
-        f"{' (scaled per channel)' if cfg.scaled else ''} ({cfg.init} k-means)")
-    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled)
+        f"{' (scaled per channel)' if cfg.scaled else ''} ({cfg.init} k-means"
+        f"{f', entropy-constrained at rate {cfg.rate:g}' if cfg.rate else ''})")
+    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled, cfg.rate)
     if not rec.layers:
         raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
                             "lower `clusters`, or skip fewer layers")
@@ -121,6 +128,7 @@ def int8_weight_sizes(before, after, names: list[str]) -> dict:
     return {"raw_bytes": len(raw), "deflate_bytes_before": deflate_len(raw),
             "deflate_bytes_after": deflate_len(b"".join(c.tobytes() for c in codes_after)),
             "max_distinct_per_channel": int(max((distinct_per_channel(c) for c in codes_after), default=0)),
+            "max_distinct_per_tensor": int(max((len(np.unique(c)) for c in codes_after), default=0)),
             "measure": "deflate level 9 of the int8 codes, per-channel symmetric (max |w| / 127), layers in order"}
 
 
@@ -130,7 +138,8 @@ def markdown(record: dict) -> str:
     scope = "output channel" if record["per_channel"] else \
         ("layer, scaled by each channel's max |w|" if record["scaled"] else "layer")
     lines = ["## Weight clustering", "",
-             f"{record['clusters']} shared values per {scope} ({record['init']} k-means) in "
+             f"{record['clusters']} shared values per {scope} ({record['init']} k-means"
+             f"{', entropy-constrained, rate ' + format(record['rate'], 'g') if record.get('rate') else ''}) in "
              f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
              f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s), distillation "
              f"{'on' if ft['distill'] else 'off'}).", "",
@@ -140,7 +149,8 @@ def markdown(record: dict) -> str:
              f"int8 weights of these layers (estimate before export): {est['raw_bytes']:,} bytes raw, deflated "
              f"{est['deflate_bytes_before']:,} -> {est['deflate_bytes_after']:,} bytes "
              f"({est['deflate_bytes_before'] / max(1, est['deflate_bytes_after']):.2f}x); at most "
-             f"{est['max_distinct_per_channel']} distinct int8 values in one channel.", ""]
+             f"{est['max_distinct_per_channel']} distinct int8 values in one channel, "
+             f"{est.get('max_distinct_per_tensor', 'n/a')} in one layer.", ""]
     if record["skipped"]:
         lines += ["Not clustered: " + "; ".join(f"`{s['layer']}` ({s['reason']})" for s in record["skipped"]) + ".", ""]
     worst = sorted(record["layers"], key=lambda layer: -layer["rel_error"])[:5]
