@@ -88,7 +88,12 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         summary = finetune(student, teacher, train, choose, ft_cfg, progress)
     for w in summary["warnings"]:
         say(f"warning: {w}")
-    distinct = distinct_values(student, [layer.name for layer in rec.layers])
+    names = [layer.name for layer in rec.layers]
+    if rec.scaled:  # k values times each channel's max: the int8 codes of a layer are what is shared
+        layers = clusterable_layers(student)
+        distinct = {n: int(len(np.unique(int8_codes(layers[n].weight, out_axis(layers[n]))))) for n in names}
+    else:
+        distinct = distinct_values(student, names)
     broken = {n: d for n, d in distinct.items() if d > cfg.clusters}
     if broken:  # the parametrization makes this impossible; fail closed if it ever is not
         raise EdgepackError(f"clustered layers lost their clusters during fine-tuning: {broken}")
@@ -100,6 +105,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
               "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers])}
     for layer in record["layers"]:
         layer["distinct_after_finetune"] = distinct[layer["name"]]
+    record["distinct_measure"] = "int8 codes per layer" if rec.scaled else "weight values per layer"
     ctx.sections[NAME] = markdown(record)
     est = record["int8_weights"]
     say(f"clustered {len(rec.layers)} layer(s) ({rec.clustered_weights:,} weights); their int8 weights deflate to "
