@@ -212,7 +212,11 @@ def _proc(pid: int) -> dict | None:
     kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM"))}
     if "VmRSS" not in kb:  # a zombie
         return None
-    return {"rss": kb["VmRSS"], "hwm": kb.get("VmHWM", 0), "pss": pss, "uss": uss, "cmd": cmd}
+    try:  # a pid is reused within a long build on a busy machine (pid_max 32768): (pid, start) names a process
+        start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        start = 0
+    return {"rss": kb["VmRSS"], "hwm": kb.get("VmHWM", 0), "pss": pss, "uss": uss, "cmd": cmd, "start": start}
 
 
 def run_build(cmd: list[str], env: dict, log) -> dict:
@@ -234,14 +238,15 @@ def run_build(cmd: list[str], env: dict, log) -> dict:
         t = time.monotonic() - t0
         procs = {p: i for p in _tree(proc.pid) if (i := _proc(p))}
         for p, i in procs.items():
-            if i["hwm"] > hwm.get(p, {"hwm": 0})["hwm"]:
-                hwm[p] = {"hwm": i["hwm"], "cmd": i["cmd"], "stage": _stage(lines, t)}
+            if i["hwm"] > hwm.get((p, i["start"]), {"hwm": 0})["hwm"]:
+                hwm[(p, i["start"])] = {"hwm": i["hwm"], "cmd": i["cmd"], "stage": _stage(lines, t)}
         rss, pss = sum(i["rss"] for i in procs.values()) / 1024, sum(i["pss"] for i in procs.values()) / 1024
         # The root's RSS plus its descendants' private pages: each page the tree maps counted once
         # (a forked child's copy-on-write pages and the libraries are the root's too).
         once = (procs[proc.pid]["rss"] if proc.pid in procs else 0) / 1024 + \
             sum(i["uss"] for p, i in procs.items() if p != proc.pid) / 1024
-        samples.append([round(t, 2), round(rss), round(pss), round(once), len(procs)])
+        root = (procs[proc.pid]["rss"] if proc.pid in procs else 0) / 1024
+        samples.append([round(t, 2), round(rss), round(pss), round(once), len(procs), round(root)])
         if rss > peak["rss_sum_mb"]:
             peak = {"rss_sum_mb": round(rss), "pss_sum_mb": round(pss), "root_rss_plus_children_uss_mb": round(once),
                     "t_s": round(t, 1), "stage": _stage(lines, t),
@@ -252,17 +257,17 @@ def run_build(cmd: list[str], env: dict, log) -> dict:
     proc.wait()
     time.sleep(0.5)
     seconds = time.monotonic() - t0
-    pss_peak = max(samples, key=lambda s: s[2]) if samples else [0, 0, 0, 0, 0]
-    once_peak = max(samples, key=lambda s: s[3]) if samples else [0, 0, 0, 0, 0]
+    pss_peak = max(samples, key=lambda s: s[2]) if samples else [0, 0, 0, 0, 0, 0]
+    once_peak = max(samples, key=lambda s: s[3]) if samples else [0, 0, 0, 0, 0, 0]
     top = sorted(({"pid": p, "vmhwm_mb": round(h["hwm"] / 1024), "cmd": h["cmd"], "stage_at_peak": h["stage"]}
-                  for p, h in hwm.items()), key=lambda d: -d["vmhwm_mb"])
+                  for (p, _), h in hwm.items()), key=lambda d: -d["vmhwm_mb"])
     every = max(1, len(samples) // 200)
     return {"returncode": proc.returncode, "seconds": round(seconds, 1), "peak_rss_sum": peak,
             "peak_pss_sum_mb": pss_peak[2], "peak_pss_at_s": pss_peak[0], "peak_pss_stage": _stage(lines, pss_peak[0]),
             "peak_counted_once_mb": once_peak[3], "peak_counted_once_at_s": once_peak[0],
             "peak_counted_once_stage": _stage(lines, once_peak[0]),
             "largest_process_vmhwm": top[:6], "processes_seen": len(hwm),
-            "timeline_cols": ["t_s", "rss_sum_mb", "pss_sum_mb", "root_rss_plus_children_uss_mb", "processes"], "timeline": samples[::every],
+            "timeline_cols": ["t_s", "rss_sum_mb", "pss_sum_mb", "root_rss_plus_children_uss_mb", "processes", "root_rss_mb"], "timeline": [x for k, x in enumerate(samples) if k % every == 0 or x in (pss_peak, once_peak)],
             "progress": [[round(t, 1), _plain(s)] for t, s in lines if s.strip()], "stdout": out[0] if out else ""}
 
 

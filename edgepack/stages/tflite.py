@@ -6,7 +6,11 @@ is the one judged (ONNX Runtime runs on the Pi and on Android), and the report s
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -16,6 +20,7 @@ from ..cache import hash_module
 from ..errors import EdgepackError
 from ..manifest import TensorSpec
 from ..onnx_tools.export import FlatOutputs, check_parity
+from ..onnx_tools.sensitivity import release_heap
 from ..quality import drop, measure
 from ..report import table
 from .context import BuildContext
@@ -105,12 +110,14 @@ def _converted(ctx: BuildContext, cfg: Config, calib) -> dict:
 
 def _convert(ctx: BuildContext, cfg: Config, calib) -> dict:
     m, module = ctx.model, FlatOutputs(ctx.model.module).eval()
-    tflite.require_litert_torch()
+    tflite.check_litert_torch(cfg.layout)  # not imported here: the conversions run in a child
     names = {"input_names": m.input_names, "output_names": m.outputs}
     # Each conversion runs in a child process that reports nothing back while it works: a task
     # without a total (elapsed time only). No task is open around the forked parts below.
+    _lean()  # the build waits minutes on each conversion child: hand its freed heap back first
     with ctx.progress.task(f"converting to TFLite fp32 with litert-torch ({cfg.layout})"):
         rec32 = tflite.convert_fp32(module, m.example_inputs(), ctx.work / FP32, cfg.layout, **names)
+    _lean()
     with ctx.progress.task(f"converting to TFLite int8 (PT2E static, {len(calib)} calibration samples)"):
         rec8 = tflite.convert_int8(module, m.example_inputs(), calib, ctx.work / INT8, cfg.layout,
                                    num_calib=len(calib), **names)
@@ -145,10 +152,14 @@ def _fallback_and_report(ctx: BuildContext, cfg: Config, calib, stage: dict) -> 
 def _isolated(fn, what: str):
     """fn() in a forked child: its result, or a sentence saying why there is none (a native abort
     there costs only that part). An EdgepackError in the child is raised here with its message."""
+    _lean()  # what the parent has freed is not copied into, nor counted twice with, the child
     mp = multiprocessing.get_context("fork")
     receive, send = mp.Pipe(duplex=False)
 
+    parent = os.getpid()
+
     def child():
+        _die_with(parent)
         try:
             send.send(("ok", fn()))
         except EdgepackError as e:
@@ -169,6 +180,23 @@ def _isolated(fn, what: str):
         raise EdgepackError(*value)
     why = value or f"the process running it died (exit {proc.exitcode}: ai-edge-litert aborted)"
     return f"{what} was skipped: {why}"
+
+
+def _die_with(parent: int) -> None:
+    """A forked child ends when the build does (killed, or Ctrl-C'd twice), not orphaned with its
+    memory (Linux: PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the build ended before the signal was armed
+        os._exit(1)
+
+
+def _lean() -> None:
+    """Free what only cycles hold and hand the freed heap back to the OS (glibc keeps it)."""
+    gc.collect()
+    release_heap()
 
 
 def _float_precision(ctx: BuildContext) -> str:

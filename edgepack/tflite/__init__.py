@@ -4,7 +4,7 @@ litert-torch is an optional extra (`pip install 'edgepack[tflite]'`); this packa
 only inside the functions that need it, so `import edgepack.tflite` always works and a TFLite
 request fails early with `require_litert_torch()`.
 """
-from .convert import (INSTALL_HINT, INT8_SCHEME, convert_fp32, convert_int8,
+from .convert import (INSTALL_HINT, INT8_SCHEME, check_litert_torch, convert_fp32, convert_int8,
                       require_litert_torch, require_torch_model)
 from ._quiet import quiet_native
 from .fallback import fallback, quantize_tflite
@@ -12,6 +12,6 @@ from .inspect import inspect_tflite, read_io
 from .sensitivity import int8_report, rank_ops
 from .validate import run_tflite
 
-__all__ = ["INSTALL_HINT", "INT8_SCHEME", "convert_fp32", "convert_int8", "fallback",
+__all__ = ["INSTALL_HINT", "INT8_SCHEME", "check_litert_torch", "convert_fp32", "convert_int8", "fallback",
            "inspect_tflite", "int8_report", "quantize_tflite", "quiet_native", "rank_ops",
            "read_io", "require_litert_torch", "require_torch_model", "run_tflite"]

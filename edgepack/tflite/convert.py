@@ -45,6 +45,40 @@ def require_litert_torch():
     return litert_torch
 
 
+class _Installed:
+    """What the parent needs of litert-torch when the conversion runs in a child: its version.
+    Importing it here (JAX, torchao) would add ~280 MB to the build process, which every
+    forked TFLite child then shares (measured: bench/build_memory.py)."""
+
+    def __init__(self, version: str):
+        self.__version__ = version
+
+
+def check_litert_torch(layout: str = "NCHW"):
+    """`require_litert_torch()` for a build whose conversions run in a child: fails the same way
+    when litert-torch is missing, but imports it here only if this process needs it (NHWC)."""
+    return _litert_torch(True, layout)
+
+
+def _litert_torch(isolate: bool, layout: str):
+    """litert-torch itself, or (converting in a child, NCHW: nothing of it runs here) proof that
+    it is installed, without importing it in this process."""
+    if not isolate or layout != "NCHW":
+        return require_litert_torch()
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        found = importlib.util.find_spec("litert_torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return require_litert_torch()  # raises MissingExtra with the install command
+    try:
+        return _Installed(version("litert-torch"))
+    except PackageNotFoundError:
+        return require_litert_torch()
+
+
 def require_torch_model(model, source: str = "the model") -> nn.Module:
     """TFLite is converted from PyTorch here; an ONNX input cannot produce it."""
     if isinstance(model, nn.Module):
@@ -65,7 +99,7 @@ def convert_fp32(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], out
     flattened in torch pytree order, as litert-torch does). `input_names`/`output_names`, when
     given, name the record's specs; otherwise they carry the TFLite tensor names.
     """
-    lt = require_litert_torch()
+    lt = _litert_torch(isolate, layout)
     model, example_inputs = _wrap_layout(require_torch_model(model), example_inputs, layout, lt)
     return _convert("fp32", model, example_inputs, None, Path(out), layout, timeout_s, isolate,
                     lt, (input_names, output_names))
@@ -82,7 +116,7 @@ def convert_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], cal
     `layout` is asked for. Float inputs and outputs become int8 with a scale and zero point;
     integer inputs (token ids, masks) stay integer (int64 ones become int32: see the notes).
     """
-    lt = require_litert_torch()
+    lt = _litert_torch(isolate, layout)
     model = require_torch_model(model)
     example_inputs = tuple(example_inputs)
     samples = _calibration_samples(calib, num_calib, example_inputs)

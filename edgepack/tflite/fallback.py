@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import EdgepackError
 from ..manifest import sha256_file
+from ._calibration import calibrate as lean_calibrate
 from ._isolate import tmp_path_for
 from ._quiet import quiet_native
 from .convert import _named
@@ -31,9 +32,8 @@ from .inspect import inspect_tflite, read_io
 from .validate import _cast, _to_layout, run_tflite
 from .sensitivity import CONVERSION_OPS, MOVEMENT_OPS, graph_ops, module_of, pair_tensors, rank_ops
 
-SCHEME = ("ai-edge-quantizer static: per-channel symmetric int8 weights, per-tensor int8 "
-          "activations (ranges taken from the int8 artifact where its tensors match, else min/max "
-          "calibration), int8 inputs/outputs; listed ops in float")
+SCHEME = ("ai-edge-quantizer static: per-channel symmetric int8 weights, per-tensor int8 activations (ranges taken "
+          "from the int8 artifact where its tensors match, else min/max calibration), int8 inputs/outputs; listed ops in float")
 SCOPE_MAX = 10000  # ai-edge-quantizer truncates an op's scope string to this many characters
 ADOPT_MARGIN_DB = 3.0  # adopted ranges that lose more output SQNR than this against their source are dropped
 
@@ -137,7 +137,7 @@ class Int8Quantizer:
                 with quiet_native(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     q = quantizer.Quantizer(str(self.fp32), recipe.static_wi8_ai8())
-                    self._qsvs = q.calibrate(data, num_threads=self.threads)
+                    self._qsvs = lean_calibrate(q, data, self.threads)  # one copy of the tensors at a time
                 used = {k: v for k, v in adopted.items() if k in self._qsvs}
                 self._qsvs.update(used)
                 if used:
