@@ -74,9 +74,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
 
 
 def _range_samples(ctx: BuildContext) -> list[dict[str, np.ndarray]]:
-    """A few calibration feeds (input name -> array) for the fp16 converter's range check."""
+    """A few calibration feeds (input name -> array), one sample each (every activation of the
+    model is kept while one runs), for the fp16 converter's range check."""
     data = ctx.data.calib.sample(RANGE_SAMPLES, seed=0)
-    return [dict(zip(ctx.model.input_names, arrays)) for arrays in feeds(ctx.model, data)]
+    return [dict(zip(ctx.model.input_names, arrays)) for arrays in feeds(ctx.model, data, batch_size=1)]
 
 
 def _check_finite(path: str, outputs: list[np.ndarray], reference: list[np.ndarray] | None, names: list[str]) -> None:
