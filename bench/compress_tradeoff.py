@@ -73,6 +73,7 @@ def args_parser():
     p.add_argument("--table", action="store_true", help="print the Markdown tables of --out")
     p.add_argument("--tiny", action="store_true", help="smoke test: 256 training rows, 1 seed, short timing, no TFLite")
     p.add_argument("--convert-worker", type=int, metavar="PID", help=argparse.SUPPRESS)  # the LiteRT converter process
+    p.add_argument("--tag", default="", help="name of this process's cache file (a second process on seed 0)")
     p.add_argument("--no-tflite", action="store_true", help="skip the litert-torch conversions (minutes each when loaded)")
     return p
 
@@ -93,8 +94,11 @@ def run_model(name: str, args, profile, scheme, choice) -> None:
     from edgepack.targets import Quantization
     work = args.work / name
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
-    first = 0 in seeds  # the process that owns seed 0 converts, times and scores LiteRT
-    state_path = work / ("rows.json" if first else f"rows-s{'-'.join(map(str, seeds))}.json")
+    first = 0 in seeds and not args.tag  # the process that owns seed 0 converts, times and scores LiteRT
+    tag = args.tag or f"s{'-'.join(map(str, seeds))}"
+    state_path = work / ("rows.json" if first else f"rows-{tag}.json")
+    if not first and args.resume and not state_path.exists() and (work / "rows.json").exists():
+        state_path.write_text((work / "rows.json").read_text())  # the baseline (and seed 0's rows) as computed
     state = json.loads(state_path.read_text()) if args.resume and state_path.exists() else {}
     task = L.task_for(name)
     if args.tiny:

@@ -11,6 +11,9 @@ import compress_tradeoff_lib as L
 
 # --- summary ----------------------------------------------------------------------------------
 
+QAT_SAME_LAYERS = {"qat": "baseline", "prune_qat": "prune_l2"}  # train_qat folds BatchNorm, as the export does
+
+
 def drop_stats(rows: list[dict], ref: np.ndarray, what: str) -> dict:
     """Mean drop over seeds; SE from the test sample (paired, per-sample differences averaged over
     seeds) and between seeds, combined; within noise when |drop| < 2 SE."""
@@ -72,6 +75,8 @@ def summarize(state: dict) -> dict:
                             "ort_int8_vs_plain_int8": L.speedup(lat["baseline|int8.onnx"], lat[f"{m}|int8.onnx"]),
                             "ort_int8_vs_baseline_fp32": L.speedup(lat["baseline|fp32.onnx"], lat[f"{m}|int8.onnx"])}
             owner = m if f"{m}|int8.tflite" in lat else s0.get("litert_as")
+            if f"{owner}|int8.tflite" not in lat and m in QAT_SAME_LAYERS:  # BatchNorm folded: the same layers
+                owner = QAT_SAME_LAYERS[m]
             if owner and f"{owner}|int8.tflite" in lat:
                 e["latency_p50_ms"]["int8.tflite"] = lat[f"{owner}|int8.tflite"]["p50_ms"]
                 e["speedup"]["litert_int8_vs_plain_litert_int8"] = L.speedup(lat["baseline|int8.tflite"],

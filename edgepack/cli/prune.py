@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from . import console, emit_json, out, reporter, stdout_to_stderr
 from ..errors import EdgepackError
