@@ -27,11 +27,14 @@ setup-test: $(BIN)/.edgepack-test-installed
 demo: setup
 	$(BIN)/edgepack build --target x86
 
+# Two pytest-xdist workers (the CI has two cores); worksteal evens out the long end-to-end tests.
+PYTEST_WORKERS ?= 2
+
 test: setup-test
-	$(BIN)/pytest -q --durations=12
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=12
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: setup-test
 	$(BIN)/python bench/int8_speed.py

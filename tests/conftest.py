@@ -1,7 +1,13 @@
 """Shared fixtures: a user-style model file with weights and data, written to a temp dir."""
 from __future__ import annotations
 
+import os
 import textwrap
+
+# `make test` runs two pytest-xdist workers on the CI's two cores: one thread each (set before torch
+# is imported, and inherited by the CLI subprocesses), or the workers' thread pools fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

@@ -39,12 +39,12 @@ def test_task_is_not_solved_by_a_linear_model(task):
 
 
 @pytest.mark.slow
+# MobileNetV2-0.35 (10 epochs on 3 distorted copies: 82.0% at seed 0) is not trained here: it took
+# 380 s of a CI worker, a fifth of `make test`. The bench scripts that train it record its test
+# top-1 in their JSON (bench/results/compress_tradeoff.json: 87.08% on 1796 test images).
 @pytest.mark.parametrize("build, epochs, copies", [
     (lambda: resnet18(10, 1, small_input=True, width=0.25), 6, 2),  # seed 0: 84.2% test, ~1.5 min
-    # seed 0: 82.0% with 3 distorted copies of each training digit, ~5 min. With 2 copies it
-    # took 14 epochs to reach 80.6%, at the band's edge (77.5% at 10; lr 0.02-0.1 did worse).
-    (lambda: mobilenet_v2(10, 1, width=0.35, small_input=True), 10, 3),
-], ids=["resnet18", "mobilenet_v2"])
+], ids=["resnet18"])
 def test_baselines_land_between_80_and_95_percent(build, epochs, copies):
     torch.set_num_threads(1)  # 2 threads on a shared 2-core machine ran 6x slower
     torch.manual_seed(0)  # initial weights must not depend on what earlier tests drew from the RNG
