@@ -102,9 +102,8 @@ def test_finetuning_keeps_the_assignment():
         assert any(not torch.equal(before[n], layers[n].weight) for n in layers)  # the centroids trained
 
 
-def test_scaled_codebook_shares_int8_codes_across_channels():
-    model = small_net()
-    student, rec = cluster(copy.deepcopy(model), 16, scaled=True)
+def train_a_little(student, rec):
+    """Three SGD steps with the clusters kept: the weights move, the codebooks must hold."""
     with clusters_kept(student, rec):
         opt = torch.optim.SGD(student.parameters(), lr=0.05)
         student.train()
@@ -113,6 +112,12 @@ def test_scaled_codebook_shares_int8_codes_across_channels():
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def test_scaled_codebook_shares_int8_codes_across_channels():
+    model = small_net()
+    student, rec = cluster(copy.deepcopy(model), 16, scaled=True)
+    train_a_little(student, rec)
     for layer in rec.layers:
         w = clusterable_layers(student)[layer.name].weight
         assert not torch.equal(w, clusterable_layers(model)[layer.name].weight)
@@ -147,13 +152,7 @@ def test_entropy_constrained_kmeans_trades_error_for_bits():
 def test_scaled_centroids_sit_on_the_int8_grid_through_finetuning():
     model = small_net()
     student, rec = cluster(copy.deepcopy(model), 16, scaled=True, rate=0.03)
-    with clusters_kept(student, rec):
-        opt = torch.optim.SGD(student.parameters(), lr=0.05)
-        for _ in range(3):
-            loss = student(torch.randn(8, 3, 16, 16)).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_a_little(student, rec)
     for layer in rec.layers:
         w = clusterable_layers(student)[layer.name].weight.detach().double()
         m = w.abs().reshape(w.shape[0], -1).amax(1).reshape(-1, *[1] * (w.dim() - 1))

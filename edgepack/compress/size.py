@@ -43,24 +43,23 @@ def deflate_len(data: bytes) -> int:
     return len(deflate.compress(data)) + len(deflate.flush())
 
 
-def huffman_only_bytes(path: Path | str) -> int:
-    """Bytes of the file as a deflate stream with Huffman coding only (no LZ77 matches)."""
-    deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 9, zlib.Z_HUFFMAN_ONLY)
+def _streamed_deflate_bytes(path: Path | str, strategy: int) -> int:
+    deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 9, strategy)
     total = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             total += len(deflate.compress(chunk))
     return total + len(deflate.flush())
+
+
+def huffman_only_bytes(path: Path | str) -> int:
+    """Bytes of the file as a deflate stream with Huffman coding only (no LZ77 matches)."""
+    return _streamed_deflate_bytes(path, zlib.Z_HUFFMAN_ONLY)
 
 
 def filtered_bytes(path: Path | str) -> int:
     """Bytes of the file deflated at level 9 with the Z_FILTERED strategy (still a zip-readable stream)."""
-    deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 9, zlib.Z_FILTERED)
-    total = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            total += len(deflate.compress(chunk))
-    return total + len(deflate.flush())
+    return _streamed_deflate_bytes(path, zlib.Z_FILTERED)
 
 
 def xz_bytes(path: Path | str) -> int:
