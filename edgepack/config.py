@@ -79,6 +79,8 @@ class BuildConfig(BaseModel):
     # Accuracy-aware fallback: leave up to this many of the most sensitive nodes in float.
     fallback: bool = True
     max_float_nodes: int = Field(8, ge=0)
+    # --debug-quant: every node's and op's int8 SQNR (not the 10 worst) in the manifest and quant_debug.md.
+    debug_quant: bool = False
     latency_runs: int = Field(50, ge=5)
     # Pruning (see edgepack.prune.PruneConfig); None = no pruning.
     prune: dict[str, Any] | None = None

@@ -139,6 +139,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full model file (runs its code)"),
         no_fallback: bool = typer.Option(False, "--no-fallback", help="never leave sensitive nodes in float"),
         max_float_nodes: Optional[int] = typer.Option(None, "--max-float-nodes", help="at most this many nodes left in float by the fallback [8]"),
+        debug_quant: bool = typer.Option(False, "--debug-quant", help="every node's and op's int8 SQNR (not the 10 worst) in the manifest and quant_debug.md"),
         latency_runs: Optional[int] = typer.Option(None, "--latency-runs", help="timed runs per artifact [50]"),
         prune: Optional[float] = typer.Option(None, "--prune", help="prune this fraction of channels, 0 < R < 1"),
         prune_to_latency: bool = typer.Option(False, "--prune-to-latency", help="prune until the profile's latency budget holds"),
@@ -199,6 +200,7 @@ def register(app: typer.Typer) -> None:
             "calibration_method": calibration_method, "data": data_cfg,
             "budgets": budgets or None, "budgets_off": budgets_off or None, "trust_pickle": trust_pickle or None,
             "fallback": False if no_fallback else None, "max_float_nodes": max_float_nodes,
+            "debug_quant": debug_quant or None,
             "latency_runs": latency_runs, "prune": prune_cfg, "compress": compress_cfg, "device": device,
             "devices_dir": devices_dir or None, "accept_new_host_key": accept_new_host_key or None,
         })

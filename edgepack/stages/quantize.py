@@ -36,6 +36,7 @@ class Config(BaseModel):
     max_accuracy_drop: float | None = None
     min_sqnr_db: float | None = None
     tidy: bool = False  # qdq_tidy's graph pass (stems, channel alignment, Q/DQ around data movement)
+    ranked: int | None = 10  # nodes kept in the sensitivity list (None: all, --debug-quant)
 
 
 def config(ctx: BuildContext) -> Config:
@@ -45,7 +46,7 @@ def config(ctx: BuildContext) -> Config:
                                       probe=cpu_probe(ctx.device, ctx.cfg.accept_new_host_key))
     return Config(scheme=scheme, choice=choice, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
                   max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
-                  tidy=ctx.profile.arch == "x86_64")
+                  tidy=ctx.profile.arch == "x86_64", ranked=None if ctx.cfg.debug_quant else 10)
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
@@ -73,7 +74,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
                 if fallback:
                     record["fallback"] = fallback
             # Every build lists the nodes that lose the most SQNR (bounded: 32 samples, batch by batch).
-            record["sensitivity"] = node_sensitivity(pre, int8, d.calib, samples=32)[:10]
+            record["sensitivity"] = node_sensitivity(pre, int8, d.calib, samples=32)[:cfg.ranked]
         finally:
             pre.unlink(missing_ok=True)
         if cfg.tidy:  # measured on x86 only (bench/int8_speed.py): 2.73x -> 3.05x on ResNet-18-224

@@ -46,6 +46,7 @@ class Config(BaseModel):
     float_precision: str = "fp32"
     max_accuracy_drop: float | None = None
     min_sqnr_db: float | None = None
+    ranked: int | None = 10  # ops kept in the per-op SQNR report (None: all, --debug-quant)
 
 
 def config(ctx: BuildContext) -> Config | None:
@@ -61,7 +62,7 @@ def config(ctx: BuildContext) -> Config | None:
     return Config(layout=ctx.profile.layout, calibration_samples=n_cal, optional=ctx.profile.tflite_optional,
                   inputs=[s.model_dump() for s in ctx.model.inputs], fallback=ctx.cfg.fallback,
                   max_float_ops=ctx.cfg.max_float_nodes, max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
-                  float_precision=_float_precision(ctx))
+                  float_precision=_float_precision(ctx), ranked=None if ctx.cfg.debug_quant else 10)
 
 
 def run(ctx: BuildContext, cfg: Config) -> dict:
@@ -144,7 +145,7 @@ def _fallback_and_report(ctx: BuildContext, cfg: Config, calib, stage: dict) -> 
             if fb.get("replaced"):
                 stage["int8"] = {k: fb["artifact"].get(k) for k in keep}  # new IO scales for the manifest
     report = _isolated(lambda: tflite.int8_report(ctx.work / FP32, ctx.work / INT8, calib.arrays(), cfg.layout,
-                                                  top=10, samples=32), "the TFLite per-op SQNR report")
+                                                  top=cfg.ranked, samples=32), "the TFLite per-op SQNR report")
     stage["sensitivity"] = {"skipped": report, "ops": []} if isinstance(report, str) else report
     return stage
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from ..version import __version__
 from ..hashing import sha256_file
 from ..manifest import MANIFEST, DataFile, Manifest, write_json_atomic
+from ..report import table
 from ..report_html import HTML, write_reports
 from .context import BuildContext
 
@@ -17,6 +18,7 @@ NAME = "write"
 
 
 EVAL_SUBSET = "eval/subset.npz"
+QUANT_DEBUG = "quant_debug.md"  # --debug-quant: every node's and op's int8 SQNR
 MAX_SUBSET_BYTES = 64 << 20  # the subset travels to every device: keep it small
 
 
@@ -47,7 +49,32 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     write_json_atomic(ctx.work / MANIFEST, manifest)
     write_reports(ctx.work, manifest, ctx.sections)
     ctx.manifest = manifest
-    return {"files": [MANIFEST, "report.md", HTML] + ([EVAL_SUBSET] if manifest.eval_subset else [])}
+    debug = [QUANT_DEBUG] if ctx.cfg.debug_quant and write_quant_debug(ctx.work / QUANT_DEBUG, stages) else []
+    return {"files": [MANIFEST, "report.md", HTML] + ([EVAL_SUBSET] if manifest.eval_subset else []) + debug}
+
+
+def write_quant_debug(path, stages: dict) -> bool:
+    """The whole int8 SQNR tables (the report lists the 10 worst): ONNX nodes, then TFLite ops."""
+    onnx_rows = (stages.get("quantize") or {}).get("sensitivity") or []
+    tfl = (stages.get("tflite") or {}).get("sensitivity") or {}
+    parts = ["# int8 SQNR per node and op (--debug-quant)", "",
+             "Worst first. SQNR of each node's output in the int8 model against the float model on the "
+             "calibration samples; lost dB is what the node itself adds to the SQNR of its inputs.", ""]
+    if onnx_rows:
+        parts += [f"## model.int8.onnx: {len(onnx_rows)} weighted nodes", "",
+                  table(["node", "op", "SQNR dB", "lost dB"],
+                        [[r.get("node"), r.get("op"), r.get("sqnr_db"), r.get("lost_db")] for r in onnx_rows]), ""]
+    if tfl.get("ops"):
+        parts += [f"## model.int8.tflite: {len(tfl['ops'])} ops ({tfl.get('samples')} samples)", "",
+                  table(["op", "module", "SQNR dB", "lost dB", "output-limited"],
+                        [[o.get("op"), o.get("module") or o.get("name"), o.get("sqnr_db"), o.get("lost_db"),
+                          "yes" if o.get("output_limited") else ""] for o in tfl["ops"]]), ""]
+    elif tfl.get("skipped"):
+        parts += ["## model.int8.tflite", "", f"Not ranked: {tfl['skipped']}", ""]
+    if len(parts) == 4:
+        return False
+    path.write_text("\n".join(parts))
+    return True
 
 
 def write_eval_subset(ctx: BuildContext, samples: int) -> DataFile | None:

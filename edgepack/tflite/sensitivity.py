@@ -264,7 +264,7 @@ def rank_ops(fp32_tflite: Path, int8_tflite: Path, calib_arrays, layout: str = "
 
 
 def int8_report(fp32_tflite: Path, int8_tflite: Path, calib_arrays, layout: str = "NCHW",
-                top: int = 10, samples: int = 32, threads: int = 1) -> dict:
+                top: int | None = 10, samples: int = 32, threads: int = 1) -> dict:
     """The `top` ops losing the most SQNR in `int8_tflite`, for every build's report (cheap: 16-32
     samples). Returns {"ops": rank_ops(...)[:top], "samples", "match", "output_sqnr_db",
     "seconds"}; "output_sqnr_db" is the worst model output's SQNR (over all its values)."""
