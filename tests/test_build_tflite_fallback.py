@@ -49,7 +49,7 @@ READER = "module.1.1.0 (Conv2d)"   # the stride-2 depthwise conv reading it (and
 def inputs(tmp_path_factory):
     """Weights (trained, outlier planted), calibration and evaluation data as files."""
     d = tmp_path_factory.mktemp("mobilenet-digits")
-    task = noisy_digits(seed=0, train_copies=2)
+    task = noisy_digits(seed=0, train_copies=2, test_copies=4)  # 1796 test images: the judged drop less noisy
     x, y = torch.from_numpy(task.train.arrays()[0]), torch.from_numpy(task.train.y)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is fastest on a shared machine
@@ -105,10 +105,9 @@ def test_the_fallback_brings_the_judged_tflite_int8_within_budget(inputs):
     assert fb["ranking"][0]["module"] == PLANTED and fb["ranking"][0]["output_limited"]
     # Judged on the reporting samples (not the ones it was chosen on), against TFLite fp32.
     verdict = drop_verdict(result)
-    # The fallback stops once the budget holds on the choosing samples; on the 300 other samples the
-    # drop can land a few images past it (seen: 4 of 300 on an AVX2-only EPYC), within one standard error.
-    se = float(verdict.note.split("one standard error of top-1: ")[1].split(" ")[0])
-    assert verdict.artifact == "model.int8.tflite" and verdict.value <= BUDGET + se, verdict
+    # 1540 reporting samples (4 distorted copies of each test digit): on the 300 of one copy the drop
+    # landed 4 images past the budget on an AVX2-only EPYC, within one standard error.
+    assert verdict.artifact == "model.int8.tflite" and verdict.ok and verdict.value <= BUDGET, verdict
     # The artifact in place is the fallback's: those ops compute in float in the file itself.
     tfl = m.artifact("model.int8.tflite")
     assert tfl.sha256 == fb["artifact"]["sha256"]
