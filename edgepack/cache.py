@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "edgepack-stage-cache/1"  # bump when the key recipe or the entry layout changes
+# Bump when the key recipe or the entry layout changes (2: records hold the whole int8 sensitivity ranking).
+CACHE_FORMAT = "edgepack-stage-cache/2"
 DEFAULT_MAX_GB = 5.0
 # Entries used this recently are never evicted: a build that just got a hit restores it next.
 EVICT_GRACE_S = 60.0

@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .. import tflite
 from ..cache import hash_module
@@ -46,7 +46,8 @@ class Config(BaseModel):
     float_precision: str = "fp32"
     max_accuracy_drop: float | None = None
     min_sqnr_db: float | None = None
-    ranked: int | None = 10  # ops kept in the per-op SQNR report (None: all, --debug-quant)
+    # Ops the per-op SQNR report lists (None: all, --debug-quant); cut after the cache, as in quantize.
+    ranked: int | None = Field(10, exclude=True)
 
 
 def config(ctx: BuildContext) -> Config | None:
@@ -77,6 +78,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         if stage is None:
             stage = _fallback_and_report(ctx, cfg, calib, _converted(ctx, cfg, calib))
             ctx.store(NAME, key, {FP32: ctx.work / FP32, INT8: ctx.work / INT8}, stage)
+        if stage.get("sensitivity", {}).get("ops"):
+            stage["sensitivity"] = {**stage["sensitivity"], "ops": stage["sensitivity"]["ops"][:cfg.ranked]}
         out32 = predict(ctx.work / FP32, m, ctx.data.report, ctx.profile.threads, cfg.layout)
         out8 = predict(ctx.work / INT8, m, ctx.data.report, ctx.profile.threads, cfg.layout)
         stage["parity"] = check_parity(ctx.reference, out32, "TFLite fp32", names=m.outputs)
@@ -145,7 +148,7 @@ def _fallback_and_report(ctx: BuildContext, cfg: Config, calib, stage: dict) -> 
             if fb.get("replaced"):
                 stage["int8"] = {k: fb["artifact"].get(k) for k in keep}  # new IO scales for the manifest
     report = _isolated(lambda: tflite.int8_report(ctx.work / FP32, ctx.work / INT8, calib.arrays(), cfg.layout,
-                                                  top=cfg.ranked, samples=32), "the TFLite per-op SQNR report")
+                                                  top=None, samples=32), "the TFLite per-op SQNR report")
     stage["sensitivity"] = {"skipped": report, "ops": []} if isinstance(report, str) else report
     return stage
 

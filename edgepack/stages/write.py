@@ -3,6 +3,7 @@ renames it into place, so a failed build never replaces a good one)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
@@ -53,13 +54,14 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     return {"files": [MANIFEST, "report.md", HTML] + ([EVAL_SUBSET] if manifest.eval_subset else []) + debug}
 
 
-def write_quant_debug(path, stages: dict) -> bool:
+def write_quant_debug(path: Path, stages: dict) -> bool:
     """The whole int8 SQNR tables (the report lists the 10 worst): ONNX nodes, then TFLite ops."""
     onnx_rows = (stages.get("quantize") or {}).get("sensitivity") or []
     tfl = (stages.get("tflite") or {}).get("sensitivity") or {}
-    parts = ["# int8 SQNR per node and op (--debug-quant)", "",
-             "Worst first. SQNR of each node's output in the int8 model against the float model on the "
-             "calibration samples; lost dB is what the node itself adds to the SQNR of its inputs.", ""]
+    header = ["# int8 SQNR per node and op (--debug-quant)", "",
+              "Worst first. SQNR of each node's output in the int8 model against the float model on the "
+              "calibration samples; lost dB is what the node itself adds to the SQNR of its inputs.", ""]
+    parts = list(header)
     if onnx_rows:
         parts += [f"## model.int8.onnx: {len(onnx_rows)} weighted nodes", "",
                   table(["node", "op", "SQNR dB", "lost dB"],
@@ -71,7 +73,7 @@ def write_quant_debug(path, stages: dict) -> bool:
                           "yes" if o.get("output_limited") else ""] for o in tfl["ops"]]), ""]
     elif tfl.get("skipped"):
         parts += ["## model.int8.tflite", "", f"Not ranked: {tfl['skipped']}", ""]
-    if len(parts) == 4:
+    if parts == header:  # neither stage ranked anything
         return False
     path.write_text("\n".join(parts))
     return True
