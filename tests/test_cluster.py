@@ -265,3 +265,52 @@ def test_build_with_clustering_compresses_better(tmp_path):
     assert all(v <= 16 for v in int8_distinct_per_channel(clustered.path / "model.int8.onnx").values())
     assert clustered.manifest.artifact("model.int8.onnx").metrics.accuracy >= \
         plain.manifest.artifact("model.int8.onnx").metrics.accuracy - 3.0
+
+
+def dequantized_weight_error(fp32_path, int8_path) -> float:
+    """Largest |dequantized int8 weight - float weight| over every weight tensor, relative to its
+    channel's max |w|: 0 when the int8 file holds the (BatchNorm-folded) clustered weights exactly."""
+    import onnx
+    from onnx import numpy_helper
+    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32_path)).graph.initializer}
+    model = onnx.load(str(int8_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    worst, seen = 0.0, 0
+    for node in model.graph.node:
+        name = node.input[0].removesuffix("_quantized")
+        if node.op_type != "DequantizeLinear" or name not in floats or floats[name].ndim < 2:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * floats[name].ndim
+        shape[axis] = -1
+        w = inits[node.input[0]].astype(np.float64) * inits[node.input[1]].astype(np.float64).reshape(shape)
+        top = np.abs(floats[name]).max(axis=tuple(a for a in range(w.ndim) if a != axis), keepdims=True)
+        worst, seen = max(worst, float((np.abs(w - floats[name]) / top).max())), seen + 1
+    assert seen == 3, seen  # both convs and the Linear
+    return worst
+
+
+def test_scaled_centroids_follow_the_schemes_grid(tmp_path):
+    """Under reduce_range (7-bit weights, x86 without VNNI) ONNX Runtime quantizes to multiples of
+    1/64 of a channel's max: centroids snapped to 1/127 are rounded a second time there, centroids
+    snapped to 1/64 come through exactly; with 8-bit weights 1/127 comes through exactly."""
+    from edgepack.targets import Quantization
+    model = small_net()
+    x, calib = (torch.zeros(1, 3, 16, 16),), labelled(64)
+    errors = {}
+    for reduce_range in (False, True):
+        scheme = Quantization(scheme="fixed", activation_type="QUInt8", weight_type="QInt8", per_channel=True,
+                              reduce_range=reduce_range)
+        for qmax in (127, 64):
+            student, rec = cluster(copy.deepcopy(model), 16, scaled=True, qmax=qmax)
+            assert rec.to_dict()["qmax"] == qmax
+            train_a_little(student, rec)
+            fp32 = to_onnx(student, x, tmp_path / f"{reduce_range}-{qmax}.onnx")
+            int8 = tmp_path / f"{reduce_range}-{qmax}.int8.onnx"
+            quantize_onnx(fp32, int8, calib, scheme)
+            errors[reduce_range, qmax] = dequantized_weight_error(fp32, int8)
+            assert max(int8_distinct_per_tensor(int8).values()) <= 16
+    assert errors[False, 127] < 1e-5 and errors[True, 64] < 1e-5, errors
+    assert errors[True, 127] > 1e-3, errors  # re-rounded: up to half a 1/64 step
+    with pytest.raises(EdgepackError, match="qmax must be an integer from 1 to 127"):
+        cluster(small_net(), 16, scaled=True, qmax=128)

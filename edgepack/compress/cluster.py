@@ -24,8 +24,11 @@ Choices, and why:
 - `scaled` (the build stage's default) is what makes the int8 file small: per-channel int8 codes of
   a plain per-layer codebook are round(127 c / max_c |w|), a different set in each channel (up to
   16 x C byte values per tensor); scaled centroids are snapped to the int8 grid (multiples of
-  1/127, straight-through while fine-tuning), so the file holds exactly the fine-tuned weights and
-  each tensor at most k codes (`int8_distinct_per_tensor`).
+  1/qmax, straight-through while fine-tuning), so the file holds exactly the fine-tuned weights and
+  each tensor at most k codes (`int8_distinct_per_tensor`). `qmax` is the int8 scheme's: 127, or
+  64 where it quantizes weights with `reduce_range` (7 bits: x86 without VNNI). Snapped to 1/127
+  and quantized at 1/64, every centroid is rounded a second time and the file no longer holds the
+  fine-tuned weights.
 - `rate` makes the k-means entropy-constrained: plain 16-means codes of a trained ResNet-18 (width
   0.5) have 3.71 bits of order-0 entropy a weight, and zip -9 adds ~15% to that; rate 0.04 took them
   to 2.85 bits (worst layer's relative error 0.098 -> 0.165), which fine-tuning recovers
@@ -70,6 +73,7 @@ class ClusterRecord:
     init: str
     scaled: bool = False
     rate: float = 0.0
+    qmax: int = INT8_MAX  # the int8 grid scaled centroids sit on (multiples of 1/qmax of a channel's max)
     layers: list[LayerClusters] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
     # name -> (centroids, index, scale or None): what `attach` trains; not part of the JSON
@@ -81,7 +85,7 @@ class ClusterRecord:
 
     def to_dict(self) -> dict:
         return {"clusters": self.clusters, "per_channel": self.per_channel, "scaled": self.scaled, "rate": self.rate,
-                "init": self.init,
+                "init": self.init, "qmax": self.qmax,
                 "clustered_layers": len(self.layers), "clustered_weights": self.clustered_weights,
                 "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
 
@@ -183,9 +187,16 @@ def _layer_codebook(weight: torch.Tensor, k: int, per_channel: bool, axis: int, 
     return torch.cat(books), index.movedim(0, axis).contiguous()
 
 
-def snap(c: torch.Tensor) -> torch.Tensor:
-    """Values in [-1, 1] rounded to the symmetric int8 grid (multiples of 1/127)."""
-    return torch.round(c * INT8_MAX) / INT8_MAX
+def check_qmax(qmax) -> int:
+    if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= INT8_MAX:
+        raise EdgepackError(f"cluster qmax must be an integer from 1 to {INT8_MAX}, not {qmax!r}",
+                            "127 for 8-bit weights, 64 for reduce_range (7-bit) weights")
+    return qmax
+
+
+def snap(c: torch.Tensor, qmax: int = INT8_MAX) -> torch.Tensor:
+    """Values in [-1, 1] rounded to the symmetric int8 grid (multiples of 1/qmax)."""
+    return torch.round(c * qmax) / qmax
 
 
 def channel_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
@@ -196,15 +207,16 @@ def channel_max(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.where(m > 0, m, torch.ones_like(m)).reshape(shape)
 
 
-def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: int, rate: float = 0.0):
+def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: int, rate: float = 0.0,
+                     qmax: int = INT8_MAX):
     """One codebook in [-1, 1] for w / max|w| of its channel, with -1 and +1 kept as centroids:
     every channel's largest |value| is then exactly its scale, so per-channel int8 codes are
-    round(127 * c) in every channel, one shared set of at most k codes per layer."""
+    round(qmax * c) in every channel, one shared set of at most k codes per layer."""
     scale = channel_max(weight, axis)
     u = (weight.detach() / scale).clamp(-1, 1)
     is_inner = (u > -1) & (u < 1)
     c, a = kmeans_1d(u[is_inner], k - 2, init, seed, rate=rate) if is_inner.any() else (u.new_zeros(0), None)
-    centroids = snap(torch.cat([u.new_tensor([-1.0]), c, u.new_tensor([1.0])]))
+    centroids = snap(torch.cat([u.new_tensor([-1.0]), c, u.new_tensor([1.0])]), qmax)
     index = torch.where(u > 0, len(c) + 1, 0)  # the channel maxima: -1 and +1
     if a is not None:
         index[is_inner] = a + 1
@@ -212,12 +224,14 @@ def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: i
 
 
 def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = False, init: str = "linear",
-            seed: int = 0, scaled: bool = False, rate: float = 0.0) -> tuple[nn.Module, ClusterRecord]:
+            seed: int = 0, scaled: bool = False, rate: float = 0.0,
+            qmax: int = INT8_MAX) -> tuple[nn.Module, ClusterRecord]:
     """Cluster every Conv/Linear weight of `module` in place (see the module docstring); returns
     (module, record). `skip` holds layer names or fnmatch patterns left as they are. Layers with
     fewer weights than `clusters` are skipped, with the reason in the record. `scaled`: one
     codebook per layer times each output channel's max |w| (at most k values per channel, and
-    the same k int8 codes in every channel: the int8 file compresses best)."""
+    the same k int8 codes in every channel: the int8 file compresses best), snapped to multiples of
+    1/`qmax` (the int8 scheme's largest weight code: 64 with reduce_range)."""
     k = check_clusters(clusters)
     if scaled and per_channel:
         raise EdgepackError("cluster: `scaled` and `per_channel` exclude each other",
@@ -236,7 +250,8 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
         raise EdgepackError(f"cluster rate must be a number from 0 to 1, not {rate!r}",
                             "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
-    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate))
+    qmax = check_qmax(qmax)
+    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax)
     seen: dict[int, str] = {}
     for name, layer in layers.items():
         weight = layer.weight
@@ -254,7 +269,7 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
             record.skipped.append({"layer": name, "reason": reason})
             continue
         if scaled:
-            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed, rate)
+            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed, rate, qmax)
             new = (centroids[index] * scale).to(weight.dtype)
         else:
             centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed, rate)
@@ -289,9 +304,10 @@ class ClusteredWeight(nn.Module):
     the centroids are what trains. Scaled: -1 and +1 stay fixed and the others stay inside them,
     so each channel's max |w| remains its scale (and its int8 codes the shared ones)."""
 
-    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None):
+    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None,
+                 qmax: int = INT8_MAX):
         super().__init__()
-        self.scaled = scale is not None
+        self.scaled, self.qmax = scale is not None, qmax
         self.centroids = nn.Parameter(centroids.detach().clone())
         self.register_buffer("index", index.clone())
         self.register_buffer("scale", scale.clone() if self.scaled else torch.ones((), dtype=centroids.dtype))
@@ -306,7 +322,7 @@ class ClusteredWeight(nn.Module):
         c = self.centroids
         if self.scaled:  # on the int8 grid (straight-through): what the int8 file will hold, exactly
             c = torch.where(self.fixed, c.detach(), c.clamp(-1, 1))
-            c = c + (snap(c) - c).detach()
+            c = c + (snap(c, self.qmax) - c).detach()
         return _GatherMeanGrad.apply(c, self.index, self.counts) * self.scale
 
 
@@ -322,7 +338,7 @@ def attach(module: nn.Module, record: ClusterRecord) -> list[str]:
             if record.scaled:
                 raise EdgepackError(f"cluster: no codebook for the scaled layer {entry.name}")
             book = (*torch.unique(layer.weight.detach(), return_inverse=True), None)
-        parametrize.register_parametrization(layer, "weight", ClusteredWeight(*book), unsafe=True)
+        parametrize.register_parametrization(layer, "weight", ClusteredWeight(*book, qmax=record.qmax), unsafe=True)
         layer.parametrizations.weight.original.requires_grad_(False)
         names.append(entry.name)
     return names
@@ -355,12 +371,13 @@ def distinct_values(module: nn.Module, names=None) -> dict[str, int]:
     return {n: int(torch.unique(layers[n].weight.detach()).numel()) for n in (names or layers)}
 
 
-def int8_codes(weight: torch.Tensor, axis: int = 0) -> np.ndarray:
+def int8_codes(weight: torch.Tensor, axis: int = 0, qmax: int = INT8_MAX) -> np.ndarray:
     """The int8 values ONNX Runtime's symmetric per-channel weight quantization gives `weight`
-    (scale = max |w| / 127 per output channel): what the stage can say before export."""
+    (scale = max |w| / qmax per output channel; qmax 64 with reduce_range): what the stage can
+    say before export."""
     w = weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
-    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
-    return torch.round(w / scale).clamp(-127, 127).to(torch.int8).numpy()
+    scale = (w.abs().amax(1, keepdim=True) / qmax).clamp(min=1e-30)
+    return torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8).numpy()
 
 
 def distinct_per_channel(codes: np.ndarray) -> int:

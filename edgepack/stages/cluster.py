@@ -15,12 +15,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..compress.cluster import (INITS, check_clusters, cluster, clusterable_layers, clusters_kept,
-                                distinct_per_channel, distinct_values, int8_codes, out_axis)
+from ..compress.cluster import (INITS, INT8_MAX, check_clusters, check_qmax, cluster, clusterable_layers,
+                                clusters_kept, distinct_per_channel, distinct_values, int8_codes, out_axis)
 from ..compress.size import deflate_len
 from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
 from ..prune import FinetuneConfig, evaluate, finetune
+from . import quantize
 from .context import BuildContext
 from .tables import require_torch, validate_table
 
@@ -41,6 +42,8 @@ class Config(BaseModel):
                                                   "the same k int8 codes in every channel (default: on unless per_channel)")
     rate: float = Field(RATE_DEFAULT, ge=0, le=1, description="entropy-constrained k-means: weight of the code length "
                                                             "(0: plain k-means; larger: fewer bits, more error)")
+    qmax: int | None = Field(None, description="scaled: the int8 grid centroids snap to (multiples of 1/qmax of a channel's "
+                                                "max); default: the build's int8 scheme's, 64 with reduce_range, else 127")
     init: Literal[INITS] = "linear"
     seed: int = 0
     finetune: dict = Field(default_factory=dict, description="edgepack.prune.FinetuneConfig keys")
@@ -57,6 +60,9 @@ def config(ctx: BuildContext) -> Config | None:
     check_clusters(cfg.clusters)
     if cfg.scaled is None:
         cfg.scaled = not cfg.per_channel
+    if cfg.qmax is None:  # the grid of the int8 file this build writes, so that it holds the fine-tuned weights exactly
+        cfg.qmax = 64 if quantize.config(ctx).scheme.reduce_range else INT8_MAX
+    check_qmax(cfg.qmax)
     return cfg
 
 
@@ -69,7 +75,8 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'}"
         f"{' (scaled per channel)' if cfg.scaled else ''} ({cfg.init} k-means"
         f"{f', entropy-constrained at rate {cfg.rate:g}' if cfg.rate else ''})")
-    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled, cfg.rate)
+    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled, cfg.rate,
+                           cfg.qmax)
     if not rec.layers:
         raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
                             "lower `clusters`, or skip fewer layers")
@@ -91,7 +98,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     names = [layer.name for layer in rec.layers]
     if rec.scaled:  # k values times each channel's max: the int8 codes of a layer are what is shared
         layers = clusterable_layers(student)
-        distinct = {n: int(len(np.unique(int8_codes(layers[n].weight, out_axis(layers[n]))))) for n in names}
+        distinct = {n: int(len(np.unique(int8_codes(layers[n].weight, out_axis(layers[n]), rec.qmax)))) for n in names}
     else:
         distinct = distinct_values(student, names)
     broken = {n: d for n, d in distinct.items() if d > cfg.clusters}
@@ -102,7 +109,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
               "accuracy": {"samples": len(choose), "before": acc_before,
                            "clustered": acc_clustered,
                            "finetuned": summary["eval_acc_after"] if summary["epochs_run"] else acc_clustered},
-              "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers])}
+              "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers], rec.qmax)}
     for layer in record["layers"]:
         layer["distinct_after_finetune"] = distinct[layer["name"]]
     record["distinct_measure"] = "int8 codes per layer" if rec.scaled else "weight values per layer"
@@ -123,19 +130,19 @@ def training_data(ctx: BuildContext):
     return ctx.data.train
 
 
-def int8_weight_sizes(before, after, names: list[str]) -> dict:
+def int8_weight_sizes(before, after, names: list[str], qmax: int = INT8_MAX) -> dict:
     """The clustered layers' weights as per-channel symmetric int8 codes (what ONNX Runtime's
     quantizer makes of them; BatchNorm folding does not change them), raw and deflated, before and
     after clustering, and the most distinct codes in one channel: a figure known before export."""
     layers_before, layers_after = clusterable_layers(before), clusterable_layers(after)
-    codes_before = [int8_codes(layers_before[n].weight, out_axis(layers_before[n])) for n in names]
-    codes_after = [int8_codes(layers_after[n].weight, out_axis(layers_after[n])) for n in names]
+    codes_before = [int8_codes(layers_before[n].weight, out_axis(layers_before[n]), qmax) for n in names]
+    codes_after = [int8_codes(layers_after[n].weight, out_axis(layers_after[n]), qmax) for n in names]
     raw = b"".join(c.tobytes() for c in codes_before)
     return {"raw_bytes": len(raw), "deflate_bytes_before": deflate_len(raw),
             "deflate_bytes_after": deflate_len(b"".join(c.tobytes() for c in codes_after)),
             "max_distinct_per_channel": int(max((distinct_per_channel(c) for c in codes_after), default=0)),
             "max_distinct_per_tensor": int(max((len(np.unique(c)) for c in codes_after), default=0)),
-            "measure": "deflate level 9 of the int8 codes, per-channel symmetric (max |w| / 127), layers in order"}
+            "measure": f"deflate level 9 of the int8 codes, per-channel symmetric (max |w| / {qmax}), layers in order"}
 
 
 def markdown(record: dict) -> str:
