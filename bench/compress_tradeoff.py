@@ -43,7 +43,10 @@ from common import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["prune_l2", "lowrank", "cluster", "qat", "qat_outliers", "prune_entropy", "prune_taylor", "prune_slimming",
-           "sparsity", "prune_lowrank", "prune_cluster", "prune_qat"]
+           "sparsity", "prune_lowrank", "prune_cluster", "prune_qat", "lowrank_ft5"]
+# lowrank_ft5: low-rank with the factorize stage's own fine-tuning length (FinetuneConfig's 5 epochs), beside
+# the 1 epoch every other row gets; its layer shapes are lowrank's, so its latency is lowrank's.
+LOWRANK_STAGE_EPOCHS = 5
 PAIRS = {"prune_lowrank", "prune_cluster", "prune_qat"}
 
 
@@ -205,8 +208,9 @@ def method_row(m, seed, name, teacher, task, calib, args, profile, scheme, work,
         facts["planted"] = {"k": args.plant, "weights": "per-tensor", "fp32_top1": L.acc(ref_fp32)}
     if m.startswith("prune_") and m not in PAIRS:
         model, f, before = L.prune(teacher, teacher, task, args, seed, m.removeprefix("prune_"), profile)
-    elif m in ("lowrank", "prune_lowrank"):
-        model, f, before = L.lowrank(start, teacher, task, args, seed, profile)
+    elif m in ("lowrank", "prune_lowrank", "lowrank_ft5"):
+        model, f, before = L.lowrank(start, teacher, task, args, seed, profile,
+                                     LOWRANK_STAGE_EPOCHS if m == "lowrank_ft5" else None)
     elif m in ("cluster", "prune_cluster"):
         model, f, before = L.clustered(start, teacher, task, args, seed, profile, scheme)
     elif m == "sparsity":

@@ -177,10 +177,10 @@ def prune(model, teacher, task, args, seed: int, importance: str, profile):
     return pruned, facts, before
 
 
-def lowrank(model, teacher, task, args, seed: int, profile):
+def lowrank(model, teacher, task, args, seed: int, profile, epochs: int | None = None):
     student, rec = factorize_rounded(model, X, profile.simd_width, macs_target=args.macs_target)
     before = correct_torch(student, task.test)
-    s = finetune(student, teacher, task.train, task.val, ft_config(args, seed, "lowrank"))
+    s = finetune(student, teacher, task.train, task.val, ft_config(args, seed, "lowrank", epochs))
     return student, {"rank_multiple": rec["rank_multiple"], "layers_factorized": len(rec["layers"]),
                      "macs_reduction_of_step": rec["macs_reduction"], "finetune": _ft(s)}, before
 

@@ -109,13 +109,16 @@ def goals(summaries: dict[str, dict]) -> dict:
                      "met": bool(per_model) and all(v["met"] for v in per_model.values()),
                      "models_measured": list(per_model)}
 
-    def lowrank(s):
-        e = s.get("lowrank") or {}
+    def lowrank(s, method="lowrank"):
+        e = s.get(method) or {}
         red, drop, sp = e.get("macs_reduction"), _get(e, "drop_fp32_vs_baseline_fp32"), _get(e, "speedup", "ort_fp32_vs_baseline_fp32")
+        timed_as = method
+        if sp is None and method != "lowrank":  # the same layer shapes as lowrank's: its latency
+            sp, timed_as = _get(s, "lowrank", "speedup", "ort_fp32_vs_baseline_fp32"), "lowrank"
         if red is None or drop is None:
             return None
-        return {"macs_reduction": red, "top1_drop_fp32": drop, "ort_fp32_speedup": sp, "seeds": e["seeds"],
-                "met": red >= 1.95 and drop["drop"] <= 1.0 and sp is not None and sp >= 1.5}
+        return {"macs_reduction": red, "top1_drop_fp32": drop, "ort_fp32_speedup": sp, "speedup_timed_as": timed_as,
+                "seeds": e["seeds"], "met": red >= 1.95 and drop["drop"] <= 1.0 and sp is not None and sp >= 1.5}
 
     def clus(s):
         e = s.get("cluster") or {}
@@ -153,6 +156,8 @@ def goals(summaries: dict[str, dict]) -> dict:
 
     add("lowrank", "low-rank: 2x fewer MACs, top-1 drop <= 1.0 point, ORT fp32 speed-up >= 1.5x",
         {k: lowrank(s) for k, s in summaries.items()})
+    add("lowrank_stage_epochs", "the same goal with the factorize stage's default fine-tuning (5 epochs, not 1)",
+        {k: lowrank(s, "lowrank_ft5") for k, s in summaries.items()})
     add("clustering", "16 clusters + int8: compressed >= 2x smaller than plain int8 compressed, drop <= 1.0 vs plain int8",
         {k: clus(s) for k, s in summaries.items()})
     add("qat", "on a config where PTQ loses >= 2 points, QAT recovers >= half of it", {k: qat(s) for k, s in summaries.items()})
