@@ -359,7 +359,8 @@ def merge(args) -> None:
             old = json.loads(args.out.read_text())
             for k, v in old.get("models", {}).items():
                 if not (args.work / k / "rows.json").exists():
-                    v.setdefault("measured_by", {"command": old.get("command"), "machine": old.get("machine")})
+                    v.setdefault("measured_by", {"command": old.get("command"), "machine": old.get("machine"),
+                                                 "setup": old.get("setup")})
                     models[k] = v
         for rows in sorted(args.work.glob("*/rows.json")):
             state = load_state(rows.parent)

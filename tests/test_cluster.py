@@ -325,10 +325,24 @@ def test_build_on_a_cpu_without_vnni_clusters_on_the_reduce_range_grid(tmp_path,
     from test_scheme import HASWELL_NUC
     from edgepack.cpuinfo import parse_cpuinfo
     monkeypatch.setattr(edgepack.scheme, "read_cpuinfo", lambda: parse_cpuinfo(HASWELL_NUC, "x86_64"))
-    result = edgepack.build(target="x86", latency_runs=5, out=str(tmp_path / "b"),
+    result = edgepack.build(target="x86", latency_runs=5, out=str(tmp_path / "b"), fallback=False,
                             compress={"cluster": {"clusters": 16, "finetune": {"epochs": 1, "threads": 1}}})
     rec = result.manifest.stages["cluster"]
     assert rec["qmax"] == 64 and result.manifest.stages["quantize"]["int8_scheme"]["scheme"] == "U8S8 reduce_range"
     out = next((tmp_path / "b").rglob("model.int8.onnx")).parent
-    # (the accuracy-aware fallback may leave a layer in float: only the int8 ones are compared)
+    # (no fallback: no layer is left in float; qdq_tidy renames the 1-channel first conv, left out here)
     assert dequantized_weight_error(out / "model.fp32.onnx", out / "model.int8.onnx", None) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_grid_other_than_the_schemes_is_warned_and_recorded(tmp_path, monkeypatch):
+    import edgepack
+    import edgepack.scheme
+    from test_scheme import XEON_VNNI
+    from edgepack.cpuinfo import parse_cpuinfo
+    monkeypatch.setattr(edgepack.scheme, "read_cpuinfo", lambda: parse_cpuinfo(XEON_VNNI, "x86_64"))
+    lines = []
+    result = edgepack.build(target="x86", latency_runs=5, out=str(tmp_path / "b"), fallback=False, progress=lines.append,
+                            compress={"cluster": {"clusters": 16, "qmax": 64, "finetune": {"epochs": 0}}})
+    assert result.manifest.stages["quantize"]["cluster_grid_mismatch"] == {"clustered": 64, "quantized": 127}
+    assert any("clustered on the 1/64 grid" in line for line in lines), lines

@@ -84,6 +84,14 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         record["float_nodes"] = float_nodes(int8)
         ctx.store(NAME, key, {FILE: int8}, record)
     record["int8_scheme"] = cfg.choice
+    clustered = ctx.records.get("cluster") or {}
+    grid = 64 if cfg.scheme.reduce_range else 127
+    if clustered.get("scaled") and clustered.get("qmax") not in (None, grid):
+        # The cluster stage chose its grid from its own look at the CPU (e.g. a device probe that failed then)
+        ctx.say(f"warning: the weights were clustered on the 1/{clustered['qmax']} grid but this int8 scheme "
+                f"quantizes them at 1/{grid}: every centroid is rounded again; rebuild, or set "
+                f"[compress.cluster] qmax = {grid}")
+        record["cluster_grid_mismatch"] = {"clustered": clustered["qmax"], "quantized": grid}
     record["sensitivity"] = record.get("sensitivity", [])[:cfg.ranked]
     if record.get("fallback"):
         ctx.records["fallback"] = record["fallback"]
