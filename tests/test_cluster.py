@@ -346,3 +346,18 @@ def test_a_grid_other_than_the_schemes_is_warned_and_recorded(tmp_path, monkeypa
                             compress={"cluster": {"clusters": 16, "qmax": 64, "finetune": {"epochs": 0}}})
     assert result.manifest.stages["quantize"]["cluster_grid_mismatch"] == {"clustered": 64, "quantized": 127}
     assert any("clustered on the 1/64 grid" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_the_int8_scheme_is_chosen_once_per_build(tmp_path, monkeypatch):
+    """cluster and quantize both ask for the scheme: one choice (one device probe) serves both."""
+    import edgepack
+    import edgepack.stages.quantize as quantize_stage
+    calls = []
+    real = quantize_stage.scheme_for_build
+    monkeypatch.setattr(quantize_stage, "scheme_for_build", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = edgepack.build(target="x86", latency_runs=5, out=str(tmp_path / "b"), fallback=False,
+                            compress={"cluster": {"clusters": 16, "finetune": {"epochs": 0}}})
+    assert len(calls) == 1
+    assert result.manifest.stages["cluster"]["qmax"] == (64 if result.manifest.stages["quantize"]["int8_scheme"]
+                                                         ["scheme"].endswith("reduce_range") else 127)

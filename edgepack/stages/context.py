@@ -112,6 +112,9 @@ class BuildContext:
     verdicts: list = field(default_factory=list)
     primary: str | None = None
     device: Any = None
+    # (Quantization, choice record): the int8 scheme, chosen once per build (quantize.config) so the
+    # stages that ask (cluster, quantize, qat) agree even if a device probe would answer differently twice
+    int8_scheme: tuple | None = None
     device_results: list[dict] = field(default_factory=list)
     name: str = ""
     path: Path | None = None  # the final build directory, once the staging one is renamed into place

@@ -44,8 +44,10 @@ class Config(BaseModel):
 def config(ctx: BuildContext) -> Config:
     b = ctx.profile.budgets
     # With --device the device's own CPU flags decide (probed there; unreachable: the profile's default, said so).
-    scheme, choice = scheme_for_build(ctx.profile, ctx.device.name if ctx.device is not None else None,
-                                      probe=cpu_probe(ctx.device, ctx.cfg.accept_new_host_key))
+    if ctx.int8_scheme is None:
+        ctx.int8_scheme = scheme_for_build(ctx.profile, ctx.device.name if ctx.device is not None else None,
+                                           probe=cpu_probe(ctx.device, ctx.cfg.accept_new_host_key))
+    scheme, choice = ctx.int8_scheme
     return Config(scheme=scheme, choice=choice, fallback=ctx.cfg.fallback, max_float_nodes=ctx.cfg.max_float_nodes,
                   max_accuracy_drop=b.max_accuracy_drop, min_sqnr_db=b.min_sqnr_db,
                   tidy=ctx.profile.arch == "x86_64", ranked=None if ctx.cfg.debug_quant else 10)
