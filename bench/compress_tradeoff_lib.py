@@ -187,12 +187,9 @@ def lowrank(model, teacher, task, args, seed: int, profile, epochs: int | None =
 
 def clustered(model, teacher, task, args, seed: int, profile, scheme):
     import inspect
-    from edgepack.compress.cluster import INT8_MAX
-    from edgepack.stages.cluster import Config  # the build's [compress.cluster] defaults, whatever they are now
-    cfg, accepted = Config(clusters=args.clusters, rate=args.cluster_rate), inspect.signature(cluster).parameters
-    # resolved as the stage's config(ctx) resolves them (scaled unless per-channel; the grid of the int8 scheme)
-    cfg.scaled = not cfg.per_channel if cfg.scaled is None else cfg.scaled
-    cfg.qmax = cfg.qmax or (64 if scheme.reduce_range else INT8_MAX)
+    from edgepack.stages.cluster import Config, resolve  # the build's [compress.cluster] defaults, whatever they are now
+    cfg = resolve(Config(clusters=args.clusters, rate=args.cluster_rate), scheme)
+    accepted = inspect.signature(cluster).parameters
     options = {k: v for k, v in cfg.model_dump().items() if k in accepted and k not in ("module", "finetune")}
     student, rec = cluster(copy.deepcopy(model), **options)
     before = correct_torch(student, task.test)

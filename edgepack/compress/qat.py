@@ -52,6 +52,14 @@ def weight_range(q: Quantization) -> tuple[int, int]:
     return _SYMMETRIC.get(q.weight_type, _RANGES[q.weight_type])
 
 
+def scheme_qmax(q: Quantization) -> int:
+    """The grid the scheme quantizes weights on, in steps of a channel's max |w| (weight clustering
+    snaps to it): the symmetric bound, 64 with reduce_range, else 127; unsigned weights have no
+    symmetric integer grid, so 127 (their codes then merely stay at most k per channel)."""
+    lo, hi = weight_range(q)
+    return int(hi) if lo == -hi else _SYMMETRIC["QInt8"][1]
+
+
 def out_axis(layer: nn.Module) -> int:
     """The output-channel axis of a layer's weight (ConvTranspose keeps it at 1)."""
     return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..compress.cluster import (INITS, INT8_MAX, check_clusters, check_qmax, cluster, clusterable_layers,
                                 clusters_kept, distinct_per_channel, distinct_values, int8_codes, out_axis)
+from ..compress.qat import scheme_qmax
 from ..compress.size import deflate_len
 from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
@@ -58,10 +59,17 @@ def config(ctx: BuildContext) -> Config | None:
                          'clusters = 16, skip = ["fc"], [compress.cluster.finetune] epochs = 3',
                          lambda c: FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **c.finetune}))
     check_clusters(cfg.clusters)
+    return resolve(cfg, quantize.config(ctx).scheme)
+
+
+def resolve(cfg: Config, scheme) -> Config:
+    """The defaults that depend on other options and on the build's int8 scheme: scaled unless
+    per_channel; the grid of the int8 file the build writes, so that it holds the fine-tuned
+    weights exactly."""
     if cfg.scaled is None:
         cfg.scaled = not cfg.per_channel
-    if cfg.qmax is None:  # the grid of the int8 file this build writes, so that it holds the fine-tuned weights exactly
-        cfg.qmax = 64 if quantize.config(ctx).scheme.reduce_range else INT8_MAX
+    if cfg.qmax is None:
+        cfg.qmax = scheme_qmax(scheme)
     check_qmax(cfg.qmax)
     return cfg
 

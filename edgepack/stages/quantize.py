@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from ..compress.qat import scheme_qmax
 from ..data import Dataset
 from ..devices.deploy import cpu_probe
 from ..onnx_tools.calibrate import reporting
@@ -87,9 +88,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         ctx.store(NAME, key, {FILE: int8}, record)
     record["int8_scheme"] = cfg.choice
     clustered = ctx.records.get("cluster") or {}
-    grid = 64 if cfg.scheme.reduce_range else 127
+    grid = scheme_qmax(cfg.scheme)
     if clustered.get("scaled") and clustered.get("qmax") not in (None, grid):
-        # The cluster stage chose its grid from its own look at the CPU (e.g. a device probe that failed then)
+        # A qmax set by hand in [compress.cluster] (the default is this scheme's grid: ctx.int8_scheme is shared)
         ctx.say(f"warning: the weights were clustered on the 1/{clustered['qmax']} grid but this int8 scheme "
                 f"quantizes them at 1/{grid}: every centroid is rounded again; rebuild, or set "
                 f"[compress.cluster] qmax = {grid}")
