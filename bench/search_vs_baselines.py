@@ -25,9 +25,13 @@ its device latency, trials to the first feasible one, wall time; then every pick
 again on the device in interleaved rounds (--only recheck), because one p50 on a shared machine
 decides "feasible" by luck near the budget.
 
-    .venv/bin/python bench/search_vs_baselines.py --trials 8 --snapshot SNAP   # ~65 min at load ~15
-    .venv/bin/python bench/search_vs_baselines.py --only recheck --budget-ms 0.349 --snapshot SNAP
-    .venv/bin/python bench/search_vs_baselines.py --only report --budget-ms 0.349 --trials 8   # JSON + plot
+    .venv/bin/python bench/search_vs_baselines.py --snapshot SNAP   # 24 trials; prints the budget it chose
+    .venv/bin/python bench/search_vs_baselines.py --only recheck --budget-ms B --snapshot SNAP
+    .venv/bin/python bench/search_vs_baselines.py --only report --budget-ms B   # JSON + plot
+
+The budget (--budget-rule tight) sits between the device p50 of the uniform ratio-0.5 and 0.7
+builds: a budget the unpruned model nearly meets asks little of either method (the run of a6cf4f5,
+--budget-rule mid, 8 trials, found every method within noise of the others).
 SNAP: a copy of edgepack/, targets/ and devices/ (`git archive HEAD edgepack targets devices | tar -x
 -C SNAP`), so that others' edits of the shared tree cannot change the code mid-run.
 Writes bench/results/search_vs_baselines.json and .png (work files under --work, /tmp/svb).
@@ -74,7 +78,14 @@ def args_parser():
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--samplers", default="tpe,random")
     p.add_argument("--budget-ms", type=float, default=None,
-                   help="latency_p50_ms budget on the device [default: chosen from the measured range]")
+                   help="latency_p50_ms budget on the device [default: from the measured range, see --budget-rule]")
+    p.add_argument("--budget-rule", choices=["tight", "mid"], default="tight",
+                   help="tight: the geometric mean of the ratio-0.5 and ratio-0.7 builds' device p50, where "
+                        "uniform pruning must go past half the channels, on the steep part of the accuracy curve; "
+                        "mid: of the unpruned and ratio-0.7 builds (the run of a6cf4f5)")
+    p.add_argument("--ratio-range", default="0,0.8,0.05",
+                   help="the search's prune.ratio range LOW,HIGH,STEP (the default space's is 0,0.6,0.1: too "
+                        "coarse and too short for a budget that needs more than half the channels gone)")
     p.add_argument("--threads", type=int, default=1,
                    help="inference threads of every build and bench (the x86 profile says 2; 1 is steadier "
                         "on a shared 2-core machine)")
@@ -227,10 +238,12 @@ def latency_range(work: Path, threads: int) -> dict:
     """Device p50 of the unpruned int8 build and of a heavily pruned one (ratio 0.7, no
     fine-tuning: latency does not depend on the weights' values): the budget goes between."""
     path = work / "latency_range.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    out, rng = work / "range", {}
-    for label, extra in (("unpruned", []), ("ratio_0.7", ["--prune", "0.7", "--finetune-epochs", "0"])):
+    rng = json.loads(path.read_text()) if path.exists() else {}
+    out = work / "range"
+    for label, extra in (("unpruned", []), ("ratio_0.5", ["--prune", "0.5", "--finetune-epochs", "0"]),
+                         ("ratio_0.7", ["--prune", "0.7", "--finetune-epochs", "0"])):
+        if label in rng:  # measured by an earlier run in this --work
+            continue
         code, doc, wall = run_build(build_argv(work, out, f"range-{label.replace('.', '')}", threads, *extra),
                                     work / f"range-{label}.log")
         if doc is None:
@@ -240,6 +253,18 @@ def latency_range(work: Path, threads: int) -> dict:
                       "wall_s": round(wall, 1), "exit": code}
     path.write_text(json.dumps(rng, indent=1))
     return rng
+
+
+def budget_from_range(rng: dict, rule: str) -> float:
+    """The latency budget from the range builds' device p50 (see --budget-rule)."""
+    low = rng["ratio_0.5"]["device_p50_ms"] if rule == "tight" else rng["unpruned"]["device_p50_ms"]
+    return round(math.sqrt(low * rng["ratio_0.7"]["device_p50_ms"]), 3)
+
+
+def search_space(args) -> dict:
+    """The [search] table of every search: the defaults, with prune.ratio's range from --ratio-range."""
+    low, high, step = (float(v) for v in args.ratio_range.split(","))
+    return {"prune.ratio": {"low": low, "high": high, "step": step}}
 
 
 def finetune_config(path: Path, seed: int, epochs: int, minutes: float) -> Path:
@@ -301,6 +326,7 @@ def run_search(work: Path, seed: int, sampler: str, budget: float, args, test) -
     out = work / "runs" / f"seed{seed}" / sampler
     cfg = search_build_config(work, out, seed, sampler, budget, args)
     scfg = SearchConfig(trials=args.trials, study=f"svb-{sampler}-s{seed}", sampler=sampler, seed=seed,
+                        space=search_space(args),
                         devices=[LoopbackDevice.NAME], out=str(out), trial_minutes=max(5.0, 2 * args.ft_minutes))
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{sampler}.progress.log", "a")
@@ -527,9 +553,9 @@ def main():
     device = LoopbackDevice(work, args.threads)
     try:
         rng = latency_range(work, args.threads)
-        budget = args.budget_ms or round(math.sqrt(rng["unpruned"]["device_p50_ms"] * rng["ratio_0.7"]["device_p50_ms"]), 3)
-        print(f"device p50: unpruned {rng['unpruned']['device_p50_ms']} ms, ratio 0.7 {rng['ratio_0.7']['device_p50_ms']} "
-              f"ms; budget {budget} ms", flush=True)
+        budget = args.budget_ms or budget_from_range(rng, args.budget_rule)
+        print("device p50: " + ", ".join(f"{k} {v['device_p50_ms']} ms" for k, v in rng.items()) +
+              f"; budget {budget} ms", flush=True)
         unpruned_test = test_top1(work / "range" / "range-unpruned-x86", test)
         # One worker process per seed: the machine is shared, and each seed's methods run in turn.
         procs = []
@@ -537,7 +563,7 @@ def main():
             part = work / f"part-seed{seed}.json"
             argv = [VENV_PYTHON, __file__, "--work", str(work), "--seeds", str(seed), "--budget-ms", str(budget),
                     "--part", str(part), "--trials", str(args.trials), "--samplers", args.samplers,
-                    "--threads", str(args.threads), "--ft-epochs", str(args.ft_epochs),
+                    "--threads", str(args.threads), "--ft-epochs", str(args.ft_epochs), "--ratio-range", args.ratio_range,
                     "--ft-minutes", str(args.ft_minutes)] + (["--only", args.only] if args.only else []) + \
                    (["--snapshot", str(args.snapshot)] if args.snapshot else [])
             procs.append((part, subprocess.Popen(argv, stdout=open(work / f"seed{seed}.log", "w"),
@@ -570,7 +596,9 @@ def write_report(args, work: Path, seeds: list[int], budget: float, rng: dict, u
                      "threads": args.threads, "trials_per_search": args.trials, "samplers": args.samplers,
                      "seeds": seeds, "finetune": {"epochs": args.ft_epochs, "max_minutes": args.ft_minutes,
                                                   "distill": True, "threads": 1},
-                     "device_eval_samples": DEVICE_EVAL, "search_space": "edgepack.search defaults (see rows)",
+                     "device_eval_samples": DEVICE_EVAL, "search_space": {"over_the_defaults": search_space(args),
+                                      "defaults": "edgepack.search.space.default_space (see rows' params)"},
+                     "budget_rule": f"{args.budget_rule} (unless --budget-ms was given to the first run)",
                      "feasible": "every judged budget met (the build's and the device's verdicts), latency "
                                  "p50 on the device included",
                      "snapshot": str(args.snapshot) if args.snapshot else None},
