@@ -6,14 +6,13 @@ device, so a `--json` caller's stdout stays one JSON document.
 """
 from __future__ import annotations
 
-import ctypes
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from ..config import BuildConfig
+from ..lifetime import die_with_parent
 from ..pipeline import resolve_profile
 from .config import SearchConfig, is_sqlite
 from .objective import TrialRunner
@@ -51,7 +50,7 @@ def run_fleet(spec: dict, devices: list[str], sdir: Path, say) -> list[str]:
         path = sdir / f"worker-{device}.json"
         path.write_text(json.dumps({**spec, "device": device, "seed": seed}))
         workers.append((device, subprocess.Popen([sys.executable, "-m", __name__, str(path)], stdout=sys.stderr,
-                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)))
+                                                 stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)))
         say(f"worker for {device} started (pid {workers[-1][1].pid})")
     notes = []
     try:
@@ -64,15 +63,6 @@ def run_fleet(spec: dict, devices: list[str], sdir: Path, say) -> list[str]:
             if proc.poll() is None:
                 proc.terminate()
     return notes
-
-
-def _die_with_parent() -> None:
-    """Linux: a worker gets SIGKILL when the search that started it dies, so a killed search
-    leaves no orphans (their trials are re-queued when it resumes)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str]) -> int:

@@ -6,11 +6,9 @@ is the one judged (ONNX Runtime runs on the Pi and on Android), and the report s
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import os
-import signal
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -18,6 +16,7 @@ from pydantic import BaseModel, Field
 from .. import tflite
 from ..cache import hash_module
 from ..errors import EdgepackError
+from ..lifetime import die_with_parent
 from ..manifest import TensorSpec
 from ..onnx_tools.export import FlatOutputs, check_parity
 from ..onnx_tools.sensitivity import release_heap
@@ -163,7 +162,7 @@ def _isolated(fn, what: str):
     parent = os.getpid()
 
     def child():
-        _die_with(parent)
+        die_with_parent(parent)  # ends with the build (killed, or Ctrl-C'd twice), not orphaned with its memory
         try:
             send.send(("ok", fn()))
         except EdgepackError as e:
@@ -184,17 +183,6 @@ def _isolated(fn, what: str):
         raise EdgepackError(*value)
     why = value or f"the process running it died (exit {proc.exitcode}: ai-edge-litert aborted)"
     return f"{what} was skipped: {why}"
-
-
-def _die_with(parent: int) -> None:
-    """A forked child ends when the build does (killed, or Ctrl-C'd twice), not orphaned with its
-    memory (Linux: PR_SET_PDEATHSIG; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the build ended before the signal was armed
-        os._exit(1)
 
 
 def _lean() -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgepackError
+from ..lifetime import popen_tied
 from ._quiet import MAX_KEPT, child_env
 
 
@@ -65,8 +66,9 @@ def run_in_child(job: dict, program: torch.export.ExportedProgram, example_input
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         t0 = time.perf_counter()
         with open(d / "log.txt", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "edgepack.tflite._worker", str(d)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            # Tied to this process: a build killed with SIGKILL leaves no converter running.
+            proc = popen_tied([sys.executable, "-m", "edgepack.tflite._worker", str(d)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
                 code = proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
