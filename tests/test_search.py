@@ -244,3 +244,26 @@ def test_model_files_of_dominated_and_failed_trials_are_removed(tmp_path):
         assert (build / "manifest.json").is_file() and (build / "report.md").is_file()
         assert (build / "model.onnx").exists() == (n not in (1, 2))
         assert (build / "eval/bundle.npz").exists() == (n not in (1, 2))
+
+
+def test_compression_stage_keys_reach_the_stages_own_options(tmp_path):
+    # The README's [search] example for low-rank and clustering: each trial's values must be
+    # options the stages accept, not only keys the space can hold.
+    from edgepack.stages import cluster, factorize
+    table = tomllib.loads('[search.compress.lowrank]\nmacs_target = [0.5, 0.7]\n'
+                          '[search.compress.lowrank.finetune]\nepochs = 1\n'
+                          '[search.compress.cluster]\nclusters = [16, 32]\n')["search"]
+    cfg = BuildConfig(target="x86")
+    profile = resolve_profile(cfg)
+    space = sp.resolve_space(table, profile, cfg)
+    assert space["compress.lowrank.macs_target"] == [0.5, 0.7] and space["compress.cluster.clusters"] == [16, 32]
+    assert sp.searched(space)["compress.lowrank.macs_target"] == [0.5, 0.7]
+    assert "compress.lowrank.finetune.epochs" not in sp.searched(space)  # a single value fixes it
+    values = {**sp.first_values(space), "compress.lowrank.macs_target": 0.7, "compress.cluster.clusters": 32}
+    tcfg = sp.apply(cfg, profile, values, tmp_path / "t", trial_minutes=3, device=None)
+    assert tcfg.compress == {"lowrank": {"macs_target": 0.7, "finetune": {"epochs": 1}}, "cluster": {"clusters": 32}}
+    lowrank = factorize.make_config(tcfg.compress["lowrank"], profile.simd_width)
+    assert lowrank.macs_target == 0.7 and lowrank.finetune.epochs == 1
+    assert cluster.Config.model_validate(tcfg.compress["cluster"]).clusters == 32
+    with pytest.raises(EdgepackError, match="macs_target"):  # a bad value is the stage's clear error
+        factorize.make_config({"macs_target": 1.5}, profile.simd_width)
