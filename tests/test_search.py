@@ -267,3 +267,13 @@ def test_compression_stage_keys_reach_the_stages_own_options(tmp_path):
     assert cluster.Config.model_validate(tcfg.compress["cluster"]).clusters == 32
     with pytest.raises(EdgepackError, match="macs_target"):  # a bad value is the stage's clear error
         factorize.make_config({"macs_target": 1.5}, profile.simd_width)
+
+
+def test_trial_rows_give_stepped_values_as_the_build_got_them():
+    from edgepack.search.results import trial_rows
+    study = optuna.create_study()
+    dist = optuna.distributions.FloatDistribution(0.0, 0.8, step=0.05)
+    study.add_trial(optuna.trial.create_trial(params={"prune.ratio": 7 * 0.05}, distributions={"prune.ratio": dist},
+                                              value=1.0))
+    assert study.trials[0].params["prune.ratio"] != 0.35  # what Optuna keeps: 0.35000000000000003
+    assert trial_rows(study)[0]["params"] == {"prune.ratio": 0.35}

@@ -24,13 +24,19 @@ COLUMNS = ["number", "state", "feasible", "metric", "latency_ms", "latency_where
            "not_judged", "params", "worker", "retry_of", "reason", "build_dir"]
 
 
+def as_written(params: dict) -> dict:
+    """A trial's parameters as the build got them (edgepack.search.space.suggest): Optuna stores
+    low + k * step, which reads 0.35000000000000003 in search.json and --json."""
+    return {k: round(v, 10) if isinstance(v, float) else v for k, v in params.items()}
+
+
 def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         res = t.user_attrs.get("result") or {}
         surplus = bool(t.user_attrs.get("surplus"))
         rows.append({
-            "number": t.number, "state": "SURPLUS" if surplus else t.state.name, "params": dict(t.params),
+            "number": t.number, "state": "SURPLUS" if surplus else t.state.name, "params": as_written(t.params),
             "metric": res.get("metric"), "metric_name": res.get("metric_name"), "latency_ms": res.get("latency_ms"),
             "latency_where": res.get("latency_where"), "size_mb": res.get("size_mb"),
             "feasible": bool(res.get("feasible")) and t.state.name == "COMPLETE",
