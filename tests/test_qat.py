@@ -310,3 +310,16 @@ def test_stage_makes_the_tflite_int8_artifact_by_qat(planted, tmp_path):
     assert "qat (TFLite)" in again.reused and again.manifest.stages["qat"]["tflite"]["replaced"]
     other = _build(planted, tmp_path, "tfl3", 1.0, {"always": True, "epochs": 2}, tflite=True)
     assert "qat (TFLite)" not in other.reused and other.manifest.stages["qat"]["tflite"]["epochs_run"] == 2
+
+
+def test_vs_simulated_judges_every_output():
+    # A two-output model whose second output (boxes, say) is off while its scores agree: the
+    # record's top figures are the worst output's, not the first's.
+    from edgepack.stages.qat import vs_simulated
+    rng = np.random.default_rng(0)
+    scores, boxes = rng.standard_normal((32, 10)), rng.standard_normal((32, 4))
+    rec = vs_simulated([scores, boxes + 0.5], [scores, boxes], ["scores", "boxes"])
+    assert rec["max_abs_diff"] == pytest.approx(0.5) and rec["outputs"][0]["max_abs_diff"] == 0.0
+    assert rec["relative_error"] == rec["outputs"][1]["relative_error"] > 0.1
+    assert rec["top1_agreement"] == 1.0 and "top1_agreement" not in rec["outputs"][1]
+    assert rec["samples"] == 32 and [o["output"] for o in rec["outputs"]] == ["scores", "boxes"]
