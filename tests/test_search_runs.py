@@ -121,6 +121,11 @@ def test_killed_search_resumes_from_sqlite_then_json_and_show(tmp_path):
     assert Path(result["plot_path"]).read_bytes()[:4] == b"\x89PNG"
     assert len(Path(result["table_path"]).read_text().splitlines()) == 1 + len(trials)
     assert all(t["latency_where"] == "host" for t in trials.values() if t["state"] == "COMPLETE")
+    # the best was benchmarked again before it was written (3 rounds on this host) and held up
+    again = result["best"]["confirm"]
+    assert again["confirmed"] and len(again["p50_rounds_ms"]) == 3 and again["limits"]["latency_p50_ms"] == 50.0
+    written = json.loads((best / "search.json").read_text())
+    assert written["confirm"]["best"] == result["best"]["number"] and written["confirm"]["rounds"] == 3
 
     shown = subprocess.run([EDGEPACK, "search", "show", study, "--out", str(out)], capture_output=True, text=True,
                            timeout=300)

@@ -89,6 +89,8 @@ def register(app: typer.Typer) -> None:
         trial_minutes: float = typer.Option(15.0, "--trial-minutes", help="time bound of one trial's pruning and fine-tuning"),
         heartbeat: int = typer.Option(20, "--heartbeat", help="seconds between a running trial's heartbeats"),
         grace: int = typer.Option(120, "--grace", help="seconds without a heartbeat before a trial is failed and retried"),
+        confirm_rounds: int = typer.Option(3, "--confirm-rounds", help="benchmark the best trials again this many interleaved rounds before one is written (0: off)"),
+        confirm_candidates: int = typer.Option(3, "--confirm-candidates", help="how many of the most preferred feasible trials are benchmarked again"),
         keep_trials: bool = typer.Option(False, "--keep-trials", help="keep every trial's model files, not only the Pareto front's"),
         as_json: bool = typer.Option(False, "--json", help="print the result as one JSON document on stdout"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
@@ -112,7 +114,8 @@ def register(app: typer.Typer) -> None:
             scfg = SearchConfig(trials=trials, study=study, storage=storage, sampler=sampler, seed=seed,
                                 devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else [],
                                 space=cfg.search or {}, out=cfg.out, trial_minutes=trial_minutes,
-                                heartbeat_s=heartbeat, grace_s=grace, keep_trials=keep_trials)
+                                heartbeat_s=heartbeat, grace_s=grace, keep_trials=keep_trials,
+                                confirm_rounds=confirm_rounds, confirm_candidates=confirm_candidates)
         except ValueError as e:
             raise EdgepackError(f"invalid search options: {e}") from e
         with stdout_to_stderr(as_json):

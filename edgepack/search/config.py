@@ -37,6 +37,10 @@ class SearchConfig(BaseModel):
     grace_s: int = Field(120, ge=2)
     max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
     poll_s: float = Field(2.0, gt=0, description="wait between looks at the study when only others' trials remain")
+    # The best trial's latency benchmarked again before it is written (edgepack.search.confirm):
+    # the `confirm_candidates` most preferred feasible trials, in `confirm_rounds` interleaved rounds.
+    confirm_rounds: int = Field(3, ge=0, description="0: the best is chosen on the trials' own single measurement")
+    confirm_candidates: int = Field(3, ge=1)
     keep_trials: bool = False  # keep the model files of every trial, not only the Pareto front's
 
     @field_validator("study")

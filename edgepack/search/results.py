@@ -41,7 +41,7 @@ def trial_rows(study) -> list[dict]:
             "latency_where": res.get("latency_where"), "size_mb": res.get("size_mb"),
             "feasible": bool(res.get("feasible")) and t.state.name == "COMPLETE",
             "violations": res.get("violations") or {}, "not_judged": res.get("not_judged") or [],
-            "build_dir": res.get("build_dir"), "reason": t.user_attrs.get("reason"),
+            "build_dir": res.get("build_dir"), "artifact": res.get("artifact"), "reason": t.user_attrs.get("reason"),
             "worker": t.user_attrs.get("worker"), "device": t.user_attrs.get("device"),
             "retry_of": t.system_attrs.get("failed_trial"),
             "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
@@ -90,6 +90,10 @@ def markdown(rows: list[dict], pareto: list[int], best: dict | None) -> list[str
             else "-"
         if r["not_judged"] and r["metric"] is not None:
             budgets += f"; not judged: {', '.join(r['not_judged'])}"
+        again = r.get("confirm")
+        if again:  # benchmarked again before the best was chosen (search.confirm)
+            budgets += (f"; confirmed (median p50 {_fmt(again['median_p50_ms'], 3)})" if again["confirmed"] else
+                        f"; NOT confirmed (median p50 {_fmt(again['median_p50_ms'], 3)})")
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
         note = r["reason"] or (f"retry of {r['retry_of']}" if r["retry_of"] is not None else "")
         lines.append(f"| {r['number']}{mark} | {r['state']} | {_fmt(r['metric'])} | {_fmt(r['latency_ms'], 3)} | "
@@ -105,15 +109,16 @@ def _fmt(v, digits: int = 2) -> str:
 
 
 def summary(study_name: str, url: str, target: str, rows: list[dict], pareto: list[int], best: dict | None,
-            latency_note: str, trials: int) -> dict:
+            latency_note: str, trials: int, confirm: dict | None = None) -> dict:
     """search.json: everything `search show` and report.html need, with no database at hand."""
     return {"study": study_name, "storage": redact(url), "target": target, "trials_requested": trials,
             "objectives": {"metric": "maximize", "latency_ms": "minimize", "size_mb": "minimize"},
             "latency_note": latency_note, "pareto": pareto, "best": best["number"] if best else None,
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "trials": [{k: r[k] for k in ("number", "state", "params", "metric", "metric_name", "latency_ms",
-                                          "latency_where", "size_mb", "feasible", "violations", "not_judged",
-                                          "reason")} for r in rows]}
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "confirm": confirm,
+            "trials": [{**{k: r[k] for k in ("number", "state", "params", "metric", "metric_name", "latency_ms",
+                                             "latency_where", "size_mb", "feasible", "violations", "not_judged",
+                                             "reason")}, **({"confirm": r["confirm"]} if "confirm" in r else {})}
+                       for r in rows]}
 
 
 def write_plot(data: dict, path: Path) -> Path | None:

@@ -20,6 +20,7 @@ from ..errors import EdgepackError
 from ..pipeline import resolve_profile
 from ..progress import as_progress
 from ..targets import normalize_arch
+from . import confirm
 from . import results as res
 from . import space as sp
 from .config import SearchConfig, default_study, is_sqlite, redact, search_dir, storage_url, STUDY_DB
@@ -85,7 +86,8 @@ def search(build_cfg: BuildConfig, scfg: SearchConfig, progress: Say | None = No
         from .worker import run_fleet
         with reporter.task(f"search trials on {len(devices)} devices (their lines follow)"):
             notes += run_fleet(spec, devices, sdir, say)
-    return finalize(study_name, url, profile.name, scfg, sdir, note, say, notes=notes)
+    measure = confirm.measurer(build_cfg.devices_dir, bool(build_cfg.accept_new_host_key), build_cfg.latency_runs or 50)
+    return finalize(study_name, url, profile.name, scfg, sdir, note, say, notes=notes, measure=measure)
 
 
 def resolve_devices(names: list[str], cfg: BuildConfig, target: str, arch: str) -> list[str]:
@@ -123,20 +125,28 @@ def latency_note(devices: list[str], target_arch: str, cfg: BuildConfig) -> str:
 
 
 def finalize(study_name: str, url: str, target: str, scfg: SearchConfig, sdir: Path, note: str, say: Say,
-             notes: list[str] | None = None, write_best: bool = True) -> SearchResult:
+             notes: list[str] | None = None, write_best: bool = True,
+             measure: confirm.Measure | None = None) -> SearchResult:
     from .study import optuna
     storage = open_storage(url, scfg.heartbeat_s, scfg.grace_s, scfg.max_retry)
     study = optuna().load_study(study_name=study_name, storage=storage)
     rows = res.trial_rows(study)
     pareto = res.pareto_numbers(study)
-    best = res.best_row(rows)
-    data = res.summary(study_name, url, target, rows, pareto, best, note, scfg.trials)
+    best, confirmed = res.best_row(rows), None
+    if write_best and measure is not None:  # `show` only reads: what was confirmed is in search.json
+        best, confirmed = confirm.confirm_best(rows, measure, scfg.confirm_rounds, scfg.confirm_candidates, say)
+    elif not write_best:
+        best, confirmed = confirm.as_confirmed(rows, best, sdir / res.SEARCH_JSON)
+    data = res.summary(study_name, url, target, rows, pareto, best, note, scfg.trials, confirmed)
     table, md = res.write_tables(rows, pareto, best, sdir)
     (sdir / res.SEARCH_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
     plot = res.write_plot(data, sdir / res.PLOT)
     notes = list(notes or [])
     best_path = None
-    if best is None:
+    if best is None and confirmed:
+        notes.append(f"no trial's latency held up when benchmarked again ({len(confirmed['candidates'])} candidate(s), "
+                     f"{confirmed['rounds']} round(s)): no best build written (see search.json's confirm entries)")
+    elif best is None:
         notes.append("no trial met every judged budget: no best build written (see the trial table)")
     elif not best["build_dir"] or not Path(best["build_dir"]).is_dir():
         notes.append(f"the best trial ({best['number']}) was built by {best['worker']}; its build directory "
