@@ -40,6 +40,22 @@ def test_guard_interrupts_a_growing_python_loop_and_a_long_one():
     assert "ran for" in guard.exceeded and time.monotonic() - start < 5
 
 
+def test_a_limit_crossed_before_the_block_leaves_no_watchdog_behind():
+    """A limit already crossed when the guard starts (1 MB) must not be delivered inside
+    __enter__: then __exit__ never ran and the watchdog went on raising in this thread for the
+    rest of the process (a CI worker died of it two test files later)."""
+    import threading
+    for _ in range(100):
+        with pytest.raises(ResourceLimit):
+            with ResourceGuard(1, None):
+                for _ in range(10_000):
+                    pass
+    assert not [t for t in threading.enumerate() if t.name == "edgepack-prune-guard"]
+    time.sleep(0.7)  # longer than REDELIVER_SECONDS: nothing arrives after the blocks
+    for _ in range(200_000):
+        pass
+
+
 def test_memory_blowup_inside_torch_pruning_is_a_clear_error(monkeypatch):
     """Stands in for torch-pruning's index-mapping explosion on windowed attention (24 GB,
     killed without a message): memory grows inside its group building."""

@@ -353,7 +353,7 @@ def prune_model(model: nn.Module, example_inputs, cfg: PruneConfig, *, ratio: fl
     guard = ResourceGuard(cfg.max_memory_mb, cfg.max_prune_minutes)
     name = type(model).__name__
     try:
-        with guard, exact_reshapes():
+        with exact_reshapes(), guard:  # the patch is undone after the last delivery
             pruned = copy.deepcopy(model)
             session = ChannelPruner(pruned, example_inputs, cfg, ratio, round_to, progress, guard)
             for step in range(cfg.iterative_steps):

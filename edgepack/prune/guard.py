@@ -66,6 +66,7 @@ class ResourceGuard:
         self._start = time.monotonic()
         self._done = threading.Event()
         self._paused = False
+        self._armed = self._stopping = False
         self._thread_id = threading.get_ident()
 
     @property
@@ -85,14 +86,25 @@ class ResourceGuard:
     def __enter__(self) -> "ResourceGuard":
         self._thread_id = threading.get_ident()
         self._start = time.monotonic()
+        self._armed = self._stopping = False
         self._watchdog = threading.Thread(target=self._watch, name="edgepack-prune-guard", daemon=True)
         self._watchdog.start()
+        # Armed by a plain store, the last statement: a delivery landing inside __enter__ (in
+        # Thread.start, say) would skip __exit__ and leave the watchdog raising in this thread
+        # for the rest of the process (seen in CI: a later test's worker died of it).
+        self._armed = True
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self._done.set()
-        self._watchdog.join()
-        _raise_in(self._thread_id, None)  # drop a delivery still pending
+        self._stopping = True  # a plain store, the first statement: no delivery lands before it
+        while True:
+            try:
+                self._done.set()
+                self._watchdog.join()
+                _raise_in(self._thread_id, None)  # drop a delivery still pending
+                break
+            except ResourceLimit:
+                continue  # delivered before the watchdog saw `_stopping`: stop it all the same
         if exc_type is None and self.exceeded:
             # The limit was crossed but its delivery was swallowed or came too late (a bare
             # `except:` in the pruned code, or a block shorter than the redelivery interval):
@@ -115,7 +127,7 @@ class ResourceGuard:
                 elif self.max_seconds is not None and self.seconds > self.max_seconds:
                     self.exceeded = f"it ran for {self.seconds / 60:.1f} min, over the limit of {self.max_seconds / 60:g} min"
             if self.exceeded and (delivered_at is None or time.monotonic() - delivered_at > REDELIVER_SECONDS):
-                if not self._done.is_set():
+                if self._armed and not self._stopping:
                     _raise_in(self._thread_id, ResourceLimit)
                     delivered_at = time.monotonic()
 

@@ -34,7 +34,7 @@ def sparsity_hook(student: nn.Module, example_inputs, cfg: PruneConfig) -> Calla
     sp, name = cfg.slimming, type(student).__name__
     guard = ResourceGuard(cfg.max_memory_mb, cfg.max_prune_minutes)
     try:
-        with guard, exact_reshapes():  # as the pruning itself: reshapes mapped exactly
+        with exact_reshapes(), guard:  # as the pruning itself: reshapes mapped exactly
             guard.step = "finding the channel groups for sparsity training"
             session = ChannelPruner(student, example_inputs, cfg, 0.5, guard=guard)
             if sp.on == "bn_scale":
