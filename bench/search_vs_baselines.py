@@ -95,6 +95,9 @@ def args_parser():
     p.add_argument("--baseline-epochs", type=int, default=6)
     p.add_argument("--snapshot", type=Path, default=None,
                    help="a copy of edgepack/, targets/, devices/ to import instead of the work tree's")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="seed workers at once; 1 (default): a device benchmark never shares this machine "
+                        "with another seed's build (the loopback device is this machine)")
     p.add_argument("--recheck-rounds", type=int, default=3, help="interleaved device re-benchmarks of every pick")
     p.add_argument("--part", type=Path, default=None, help=argparse.SUPPRESS)  # a seed worker's output
     p.add_argument("--only", choices=["prepare", "baseline", "search", "report", "recheck"], default=None,
@@ -574,9 +577,11 @@ def main():
         print("device p50: " + ", ".join(f"{k} {v['device_p50_ms']} ms" for k, v in rng.items()) +
               f"; budget {budget} ms", flush=True)
         unpruned_test = test_top1(work / "range" / "range-unpruned-x86", test)
-        # One worker process per seed: the machine is shared, and each seed's methods run in turn.
+        # One worker process per seed, `--parallel` at a time; each seed's methods run in turn.
         procs = []
         for seed in seeds:
+            while sum(p.poll() is None for _, p in procs) >= max(1, args.parallel):
+                time.sleep(2)
             part = work / f"part-seed{seed}.json"
             argv = [VENV_PYTHON, __file__, "--work", str(work), "--seeds", str(seed), "--budget-ms", str(budget),
                     "--part", str(part), "--trials", str(args.trials), "--samplers", args.samplers,
