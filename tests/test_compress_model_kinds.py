@@ -166,6 +166,20 @@ def test_entropy_pruning_narrows_the_model(built, files, kind):
 
 
 
+@pytest.mark.parametrize("method,figures", [("lowrank", ("before", "factorized", "finetuned")),
+                                            ("cluster", ("before", "clustered", "finetuned")),
+                                            ("entropy", ("before", "finetuned"))])
+def test_fine_tuning_is_scored_by_the_builds_metric(built, files, method, figures):
+    """The regressor has no class scores: top-1 cannot score its fine-tuning, its R^2 (--metric)
+    does, and the stage's record says so in R^2's own units."""
+    rec = built("regress", method)["manifest"]["stages"][STAGE[method]]
+    acc = rec["accuracy"]
+    assert acc["metric"] == files["regress"]["args"]["metric"], acc
+    assert all(isinstance(acc[k], float) and acc[k] <= 1.0 for k in figures), acc
+    summary = rec["finetune"][-1] if isinstance(rec["finetune"], list) else rec["finetune"]
+    assert summary["eval_metric"] == acc["metric"] and summary["eval_acc_after"] == pytest.approx(acc["finetuned"])
+
+
 # ---------------------------------------------------------------- TFLite: the methods composed, on rpi
 
 @pytest.mark.slow

@@ -165,3 +165,26 @@ def test_cosine_schedule_reaches_zero_by_the_deadline(monkeypatch):
     for _ in range(2):
         steps_only.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05, abs=1e-6)
+
+
+def test_a_user_metric_picks_the_epoch_kept_and_is_what_the_record_says(teacher):
+    """With the build's --metric, fine-tuning keeps the epoch the metric scores best, not top-1.
+    The metric here is top-1's error rate (higher is better, for the metric), so the kept epoch
+    must be the one with the worst top-1: epoch 0, the pruned model before any training."""
+    from edgepack.prune.finetune import UserMetric
+    error_rate = UserMetric("tests:error_rate", lambda out, y: float((out["output"].argmax(1) != y).mean()),
+                            ("output",))
+    train, val = blobs(1024, 1), blobs(256, 2)
+    pruned, _ = prune_model(teacher, X, PruneConfig(ratio=0.5, importance="random"))
+    damaged = evaluate(pruned, val)
+    s = finetune(pruned, teacher, train, val, FinetuneConfig(epochs=2, lr=0.05, patience=None), metric=error_rate)
+    assert s["eval_metric"] == "tests:error_rate"
+    assert s["eval_acc_before"] == pytest.approx(1 - damaged) and s["best_epoch"] == 0
+    assert max(s["eval_acc"]) < s["eval_acc_before"]  # training helped top-1, so the metric fell
+    assert evaluate(pruned, val) == pytest.approx(damaged)  # epoch 0's weights are back
+    # the whole stage records the metric by name, in its own units
+    pruned, record = run_prune_stage(teacher, X, PruneConfig(ratio=0.5, finetune=FinetuneConfig(epochs=1)),
+                                     load_profile("x86"), train=train, eval=val, metric=error_rate)
+    acc = record.accuracy
+    assert acc["metric"] == "tests:error_rate" and acc["finetuned"] == pytest.approx(1 - evaluate(pruned, val))
+    assert f"Eval tests:error_rate: {acc['before']:.4g} before" in record.markdown()

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..targets import Quantization
+from .cluster import out_axis
 
 EMA = 0.01  # torch.ao's MovingAverageMinMaxObserver default averaging constant
 _RANGES = {"QInt8": (-128, 127), "QUInt8": (0, 255)}
@@ -58,11 +59,6 @@ def scheme_qmax(q: Quantization) -> int:
     symmetric integer grid, so 127 (their codes then merely stay at most k per channel)."""
     lo, hi = weight_range(q)
     return int(hi) if lo == -hi else _SYMMETRIC["QInt8"][1]
-
-
-def out_axis(layer: nn.Module) -> int:
-    """The output-channel axis of a layer's weight (ConvTranspose keeps it at 1)."""
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -195,19 +191,22 @@ def calibrate(model: nn.Module, data, samples: int = 256, batch_size: int = 64) 
     return len(rows)
 
 
-def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, progress=None) -> tuple[nn.Module, dict]:
+def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, progress=None,
+              metric=None) -> tuple[nn.Module, dict]:
     """A BatchNorm-folded copy of `model` trained with `q`'s int8 simulated, distilled from `model`
     (when ft_cfg.distill); returns the trained float model (no fake quantization left) and a
-    record: the training summary, the simulated top-1 on `choose` before and after."""
-    from ..prune.finetune import evaluate
+    record: the training summary, the simulated top-1 (or `metric`, the build's UserMetric) on
+    `choose` before and after."""
+    from ..prune.finetune import evaluate, score_name
     teacher = model.eval()
     student, folded = fold_batchnorm(model)
     with fake_quantized(student, q) as layers:
         n_cal = calibrate(student, calib, q.calibration_samples)
-        before = evaluate(student, choose, ft_cfg.batch_size)
-        summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress)
-        after = evaluate(student, choose, ft_cfg.batch_size)
+        before = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
+        summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress, metric)
+        after = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
     record = {"layers": len(layers), "batchnorm_folded": folded, "calibration_samples": n_cal,
+              "simulated_metric": score_name(choose, metric, "top-1"),
               "simulated_top1_before": before, "simulated_top1_after": after, "finetune": summary,
               "weights": f"symmetric {q.weight_type} {weight_range(q)}, "
                          f"{'per output channel' if q.per_channel else 'per tensor'}",
@@ -215,9 +214,9 @@ def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, p
     return student.eval(), record
 
 
-def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progress=None) -> dict:
+def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progress=None, metric=None) -> dict:
     """Train the fake-quantized `student` in place; the best epoch on `choose` (simulated int8
-    top-1, epoch 0 = untrained included) is kept. Adam, not prune.finetune's SGD: an outlier
+    top-1, or `metric`, the build's UserMetric; epoch 0 = untrained included) is kept. Adam, not prune.finetune's SGD: an outlier
     channel (the case PTQ fails on) makes one weight's gradient thousands of times another's in
     the same tensor, and SGD at any learning rate that moves the others diverged (loss 1e3-1e5 on
     a planted-outlier CNN); Adam's per-element step does not care. Gradients are clipped at norm
@@ -239,7 +238,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progr
     cached = _teacher_outputs(teacher, train, cfg.batch_size) if teacher is not None else None
     with torch.no_grad():
         objective = Objective(flat_tensors(student.eval()(*to_tensors(input_arrays(train, slice(0, 2))))), train)
-    best = evaluate(student, choose, cfg.batch_size)
+    best = evaluate(student, choose, cfg.batch_size, metric=metric)
     summary = {"distill": teacher is not None, "optimizer": "Adam", "epochs_run": 0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": best, "best_epoch": 0, "stopped": None, "warnings": []}
     best_state = copy.deepcopy(student.state_dict())
@@ -272,7 +271,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progr
                     if time.monotonic() > deadline:
                         summary["stopped"] = "time limit"
                         break
-            acc = evaluate(student, choose, cfg.batch_size)
+            acc = evaluate(student, choose, cfg.batch_size, metric=metric)
             summary["epochs_run"] = epoch
             summary["train_loss"].append(float(np.mean(losses)) if losses else None)
             summary["eval_acc"].append(acc)

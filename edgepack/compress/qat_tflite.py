@@ -144,19 +144,21 @@ def calibrate(student: Student, samples: list[np.ndarray], batch_size: int = 32)
 
 
 def train_qat_tflite(model: nn.Module, example_inputs: tuple, train, choose, calib, ft_cfg, layout: str = "NCHW",
-                     num_calib: int = 128, progress=None) -> tuple[Student, object, tuple, dict]:
+                     num_calib: int = 128, progress=None, metric=None) -> tuple[Student, object, tuple, dict]:
     """litert-torch's PT2E QAT of `model`, distilled from it: (trained Student, quantizer, example
-    inputs in the file's layout, record with the simulated top-1 on `choose` before and after)."""
-    from ..prune.finetune import evaluate
+    inputs in the file's layout, record with the simulated top-1, or `metric` (the build's
+    UserMetric), on `choose` before and after)."""
+    from ..prune.finetune import evaluate, score_name
     teacher = model.eval()
     student, quant, example = prepare(model, example_inputs, layout)
     samples = tconvert._calibration_samples(calib, num_calib, tuple(example_inputs))
     n_cal = calibrate(student, samples)
     layers = sum(1 for n in student.graph.graph.nodes if n.op == "call_module" and n.target.startswith("activation_post_process"))
-    before = evaluate(student, choose, ft_cfg.batch_size)
-    summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress)
-    after = evaluate(student.eval(), choose, ft_cfg.batch_size)
+    before = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
+    summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress, metric)
+    after = evaluate(student.eval(), choose, ft_cfg.batch_size, metric=metric)
     record = {"route": ROUTE, "scheme": SCHEME, "fake_quantizers": layers, "calibration_samples": n_cal,
+              "simulated_metric": score_name(choose, metric, "top-1"),
               "simulated_top1_before": before, "simulated_top1_after": after, "finetune": summary}
     return student, quant, example, record
 

@@ -10,7 +10,8 @@ Class scores, when the labels are class ids: the first (N, C) float output with 
 of class names, else the first whose C can hold every label; without labels, a model's lone
 (N, C) output. Labels that are not
 class ids (regression targets, masks) only enter a metric of the caller's, not this loss.
-The schedule is bounded by epochs and wall-clock minutes; the best epoch on the eval set is kept.
+The schedule is bounded by epochs and wall-clock minutes; the best epoch on the eval set is kept:
+best by the build's --metric when one is given (`UserMetric`), else by top-1.
 `progress=`: an edgepack.progress.Progress (a task per epoch, batches k/N, the loss and eval
 figure in its text), or a callable taking one dict per epoch.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -27,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..progress import reporter_and_events
+from ..quality import call_metric
 from .config import FinetuneConfig
 from .measure import flat_tensors
+from .record import format_score
 
 Progress = Callable[[dict], None]
 
@@ -101,12 +105,37 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+@dataclass(frozen=True)
+class UserMetric:
+    """The build's --metric on a PyTorch model: `fn(outputs by name, labels) -> number`, higher
+    is better, over the eval set's outputs in `names` order (the ONNX export's output names)."""
+    spec: str
+    fn: Callable
+    names: tuple[str, ...]
+
+
+def score_name(data, metric: UserMetric | None, unlabelled: str) -> str | None:
+    """What `evaluate` measures on `data`: the user's metric, top-1, `unlabelled` (agreement with
+    the teacher), or None (nothing it can score)."""
+    if data is None:
+        return None
+    if metric is not None and data.y is not None:
+        return metric.spec
+    if has_class_ids(data):
+        return "top-1 accuracy"
+    return unlabelled if data.y is None else None
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module | None = None) -> float | None:
-    """Top-1 accuracy on data labelled with class ids; top-1 agreement with `teacher` on
-    unlabelled data; None when there is no output of class scores to compare."""
+def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module | None = None,
+             metric: UserMetric | None = None) -> float | None:
+    """The user's metric on labelled data when one is given; else top-1 accuracy on data labelled
+    with class ids, top-1 agreement with `teacher` on unlabelled data, and None when there is no
+    output of class scores to compare."""
     if data is None or len(data) == 0:
         return None
+    if metric is not None and data.y is not None:
+        return _metric_value(model, data, batch_size, metric)
     labelled = has_class_ids(data)
     if not labelled and (teacher is None or data.y is not None):
         return None
@@ -128,13 +157,14 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, teacher: nn.Module |
 def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
              cfg: FinetuneConfig = FinetuneConfig(), progress: Progress | None = None,
              deadline: float | None = None, label: str = "fine-tune",
-             regularize: Callable[[nn.Module], None] | None = None) -> dict:
+             regularize: Callable[[nn.Module], None] | None = None, metric: UserMetric | None = None) -> dict:
     """Fine-tune `student` in place; returns a JSON-able summary (also when skipped, with the
     reason in `warnings`). `deadline` (time.monotonic() value) caps this run in addition to
     cfg.max_minutes, so iterative pruning can share one time budget. `label` names the
     progress tasks ("fine-tune epoch 2/5"). `regularize(student)` runs after each backward pass,
     before the optimizer step: a sparsity penalty added to the gradients (torch-pruning's
-    `pruner.regularize`, network slimming)."""
+    `pruner.regularize`, network slimming). `metric`: the build's --metric, which then picks the
+    epoch kept (on labelled eval data) instead of top-1."""
     distill = cfg.distill and teacher is not None
     summary = {"distill": distill, "epochs_run": 0, "seconds": 0.0, "train_loss": [], "eval_acc": [],
                "eval_acc_before": None, "eval_acc_after": None, "best_epoch": None, "stopped": None,
@@ -148,13 +178,24 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train, eval=None,
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary, label, regularize)
+        return _train(student, teacher, train, eval, cfg, progress, deadline, distill, summary, label, regularize,
+                      metric)
     finally:
         torch.set_num_threads(threads_before)
 
 
+@torch.no_grad()
+def _metric_value(model: nn.Module, data, batch_size: int, metric: UserMetric) -> float:
+    model.eval()
+    per_batch = [[t.float().numpy() if t.is_floating_point() else t.numpy()
+                  for t in flat_tensors(model(*to_tensors(input_arrays(data, j))))]
+                 for j in data.batch_indices(batch_size)]
+    outputs = [np.concatenate([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
+    return call_metric(metric.fn, metric.spec, list(metric.names), outputs, data.y)
+
+
 def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadline, distill: bool,
-           summary: dict, label: str, regularize=None) -> dict:
+           summary: dict, label: str, regularize=None, metric: UserMetric | None = None) -> dict:
     start = time.monotonic()
     bars, events = reporter_and_events(progress)
     if cfg.max_minutes is not None:
@@ -165,7 +206,8 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if teacher is not None:
         teacher.eval()
-    best = evaluate(student, eval, cfg.batch_size, teacher)
+    best = evaluate(student, eval, cfg.batch_size, teacher, metric)
+    summary["eval_metric"] = score_name(eval, metric, "top-1 agreement with the teacher")
     summary["eval_acc_before"] = best
     best_state, best_epoch, stale = copy.deepcopy(student.state_dict()), 0, 0
     # The teacher is frozen and the training inputs do not change between epochs: its outputs are
@@ -182,7 +224,7 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
     for epoch in range(1, cfg.epochs + 1):
         with bars.task(f"{label} epoch {epoch}/{cfg.epochs}", total=batches) as bar:
             acc = _epoch(student, teacher, train, eval, cfg, epoch, opt, sched, objective, cached, deadline, summary,
-                         bar, regularize)
+                         bar, regularize, metric)
         summary["epochs_run"] = epoch
         summary["eval_acc"].append(acc)
         if events is not None:
@@ -205,7 +247,7 @@ def _train(student, teacher, train, eval, cfg: FinetuneConfig, progress, deadlin
 
 
 def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, sched, objective, cached,
-           deadline, summary: dict, bar, regularize=None) -> float | None:
+           deadline, summary: dict, bar, regularize=None, metric: UserMetric | None = None) -> float | None:
     """One epoch over `train` (`bar` counts its batches, with the running loss), then the eval figure."""
     student.train()
     class_ids, title = has_class_ids(train), bar.description
@@ -238,10 +280,10 @@ def _epoch(student, teacher, train, eval, cfg: FinetuneConfig, epoch: int, opt, 
             break
     summary["train_loss"].append(float(np.mean(losses)) if losses else None)
     bar.update(description=f"{bar.description}, evaluating")
-    acc = evaluate(student, eval, cfg.batch_size, teacher)
+    acc = evaluate(student, eval, cfg.batch_size, teacher, metric)
     loss = summary["train_loss"][-1]
     bar.update(description=f"{title}, loss {'-' if loss is None else f'{loss:.4g}'}, "
-                           f"eval {'-' if acc is None else f'{100 * acc:.1f}%'}")
+                           f"eval {format_score(acc, summary['eval_metric'])}")
     return acc
 
 

@@ -105,8 +105,8 @@ class PruneRecord:
                 f"ratio {c['ratio']:.3f} → {c['p50_ms']:.2f}" for c in self.latency_search), ""]
         acc = self.accuracy
         if acc.get("before") is not None:
-            steps = [f"{100 * acc['before']:.2f}% before"]
-            steps += [f"{100 * acc[k]:.2f}% {label}" for k, label in (("pruned", "after pruning"),
+            steps = [f"{format_score(acc['before'], acc.get('metric'))} before"]
+            steps += [f"{format_score(acc[k], acc.get('metric'))} {label}" for k, label in (("pruned", "after pruning"),
                       ("finetuned", "after fine-tuning")) if acc.get(k) is not None]
             lines += [f"Eval {acc['metric']}: " + " → ".join(steps) + ".", ""]
         for ft in self.finetune:
@@ -117,11 +117,20 @@ class PruneRecord:
         return "\n".join(lines).rstrip() + "\n"
 
 
+def format_score(value, name: str | None) -> str:
+    """A figure of fine-tuning's `evaluate`: top-1 as a percentage, the user's metric as it is."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if name is None or name.startswith("top-1") else f"{value:.4g}"
+
+
 def _finetune_line(ft: dict) -> str:
     kind = "distillation" if ft.get("distill") else "plain"
     acc = ""
     if ft.get("eval_acc_before") is not None and ft.get("eval_acc_after") is not None:
-        acc = f", eval top-1 {100 * ft['eval_acc_before']:.2f}% → {100 * ft['eval_acc_after']:.2f}%"
+        name = ft.get("eval_metric")
+        acc = (f", eval {name if name and not name.startswith('top-1') else 'top-1'} "
+               f"{format_score(ft['eval_acc_before'], name)} → {format_score(ft['eval_acc_after'], name)}")
     stop = f" (stopped: {ft['stopped']})" if ft.get("stopped") else ""
     return (f"- {ft.get('phase', 'fine-tuning')} ({kind}): {ft['epochs_run']} epoch(s) in {ft['seconds']:.1f} s{acc}{stop}")
 

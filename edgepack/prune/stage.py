@@ -11,7 +11,7 @@ from torch import nn
 from ..progress import reporter_and_events
 from .config import PruneConfig
 from .engine import _tuple, prune_model
-from .finetune import evaluate, finetune, has_class_ids
+from .finetune import UserMetric, evaluate, finetune, score_name
 from .latency import ratio_for_macs, search_latency_ratio
 from .measure import count_macs_params, flat_tensors
 from .record import PruneRecord
@@ -23,10 +23,12 @@ Progress = Callable[[dict], None]
 
 
 def run_prune_stage(model: nn.Module, example_inputs, cfg: PruneConfig, profile, train=None, eval=None,
-                    progress: Progress | None = None) -> tuple[nn.Module, PruneRecord | None]:
+                    progress: Progress | None = None,
+                    metric: UserMetric | None = None) -> tuple[nn.Module, PruneRecord | None]:
     """Prune `model` for `profile` as `cfg` asks and fine-tune it by distillation from the
     original. Returns (model, record); (model, None) when cfg asks for no pruning. The input
-    model is not modified.
+    model is not modified. `metric`: the build's --metric, which picks the fine-tuning epoch kept
+    and is the figure recorded (on labelled eval data), instead of top-1.
 
     Raises EdgepackError for bad options or data, and its subclass UnprunableModel when the
     architecture cannot be pruned (callers may catch that one and go on unpruned)."""
@@ -45,7 +47,7 @@ def run_prune_stage(model: nn.Module, example_inputs, cfg: PruneConfig, profile,
     else:
         ratio, requested = None, None
     pruned, record = prune_and_finetune(model, example_inputs, cfg, teacher, train, eval,
-                                        ratio=ratio, round_to=profile.simd_width, progress=progress)
+                                        ratio=ratio, round_to=profile.simd_width, progress=progress, metric=metric)
     if requested:
         record.requested = requested
     record.latency_search = search
@@ -54,7 +56,7 @@ def run_prune_stage(model: nn.Module, example_inputs, cfg: PruneConfig, profile,
 
 def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teacher: nn.Module | None,
                        train=None, eval=None, *, ratio: float | None = None, round_to: int | None = None,
-                       progress: Progress | None = None) -> tuple[nn.Module, PruneRecord]:
+                       progress: Progress | None = None, metric: UserMetric | None = None) -> tuple[nn.Module, PruneRecord]:
     """Prune in cfg.iterative_steps steps with fine-tuning after each; the epochs and the
     max_minutes bound are shared across steps."""
     ft = cfg.finetune
@@ -63,7 +65,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
     deadline = start + 60 * ft.max_minutes if ft.max_minutes else None
     summaries: list[dict] = []
     bars, events = reporter_and_events(progress)
-    acc_before = evaluate(model, eval, ft.batch_size, teacher)
+    acc_before = evaluate(model, eval, ft.batch_size, teacher, metric)
 
     def tune(step: int, student: nn.Module) -> None:
         epochs = ft.epochs // steps if step < steps - 1 else ft.epochs - (steps - 1) * (ft.epochs // steps)
@@ -73,7 +75,7 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
         report = bars if events is None else (lambda info: events({"stage": "fine-tune", "step": step + 1,
                                                                     "steps": steps, **info}))
         label = "fine-tune" + (f" (step {step + 1}/{steps})" if steps > 1 else "")
-        summary = finetune(student, teacher, train, eval, step_cfg, report, deadline, label=label)
+        summary = finetune(student, teacher, train, eval, step_cfg, report, deadline, label=label, metric=metric)
         summaries.append({"step": step + 1, **summary})
 
     if events is not None:
@@ -93,12 +95,13 @@ def prune_and_finetune(model: nn.Module, example_inputs, cfg: PruneConfig, teach
                                  between_steps=tune, progress=progress)
     if requested:
         record.requested = requested
-    acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher) if steps == 1 else None
+    acc_pruned = evaluate(pruned, eval, ft.batch_size, teacher, metric) if steps == 1 else None
     tune(steps - 1, pruned)
     record.finetune = ([slimming] if slimming else []) + summaries
     record.warnings += list(dict.fromkeys(w for s in summaries for w in s.pop("warnings")))
-    record.accuracy = {"metric": _metric(eval), "before": acc_before, "pruned": acc_pruned,
-                       "finetuned": evaluate(pruned, eval, ft.batch_size, teacher),
+    record.accuracy = {"metric": score_name(eval, metric, "top-1 agreement with the unpruned model"),
+                       "before": acc_before, "pruned": acc_pruned,
+                       "finetuned": evaluate(pruned, eval, ft.batch_size, teacher, metric),
                        "seconds": round(time.monotonic() - start, 2)}
     return pruned, record
 
@@ -151,11 +154,3 @@ def unpruned_record(model: nn.Module, example_inputs, cfg: PruneConfig, search: 
         input_dtypes=[str(t.dtype).removeprefix("torch.") for t in example_inputs],
         ignored_layers=[], latency_search=search,
         warnings=["the unpruned model already meets the latency budget: nothing was pruned"])
-
-
-def _metric(data) -> str | None:
-    if data is None:
-        return None
-    if has_class_ids(data):
-        return "top-1 accuracy"
-    return "top-1 agreement with the unpruned model" if data.y is None else None

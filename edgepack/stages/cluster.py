@@ -22,9 +22,11 @@ from ..compress.size import deflate_len
 from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
 from ..prune import FinetuneConfig, evaluate, finetune
+from ..prune.finetune import score_name
+from ..prune.record import format_score
 from . import quantize
 from .context import BuildContext
-from .tables import require_torch, validate_table
+from .tables import require_torch, user_metric, validate_table
 
 NAME = "cluster"
 # Fine-tuning a clustered model only moves centroids (and BatchNorm, biases): a short schedule
@@ -89,18 +91,20 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
                             "lower `clusters`, or skip fewer layers")
     ft_cfg = FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **cfg.finetune})
-    acc_before = evaluate(teacher, choose, ft_cfg.batch_size)
-    acc_clustered = evaluate(student, choose, ft_cfg.batch_size)
+    metric = user_metric(ctx)
+    scored = score_name(choose, metric, "top-1")
+    acc_before = evaluate(teacher, choose, ft_cfg.batch_size, metric=metric)
+    acc_clustered = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
     if train is None:
         say("warning: no --train data: clustering without fine-tuning, accuracy will drop")
 
     def progress(info: dict) -> None:
         acc = info.get("eval_acc")
         say(f"  cluster fine-tuning: epoch {info['epoch']}/{info['epochs']}, loss {info['loss']:.4g}"
-            + (f", choosing top-1 {acc:.4f}" if acc is not None else ""))
+            + (f", choosing {scored} {format_score(acc, scored)}" if acc is not None else ""))
 
     with clusters_kept(student, rec):
-        summary = finetune(student, teacher, train, choose, ft_cfg, progress)
+        summary = finetune(student, teacher, train, choose, ft_cfg, progress, metric=metric)
     for w in summary["warnings"]:
         say(f"warning: {w}")
     names = [layer.name for layer in rec.layers]
@@ -114,7 +118,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         raise EdgepackError(f"clustered layers lost their clusters during fine-tuning: {broken}")
     ctx.model = replace(loaded, module=student.eval())
     record = {**rec.to_dict(), "finetune": summary,
-              "accuracy": {"samples": len(choose), "before": acc_before,
+              "accuracy": {"samples": len(choose), "metric": scored, "before": acc_before,
                            "clustered": acc_clustered,
                            "finetuned": summary["eval_acc_after"] if summary["epochs_run"] else acc_clustered},
               "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers], rec.qmax)}
@@ -155,7 +159,7 @@ def int8_weight_sizes(before, after, names: list[str], qmax: int = INT8_MAX) -> 
 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
-    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    pct = (lambda v: "n/a" if v is None else format_score(v, acc.get("metric")))
     scope = "output channel" if record["per_channel"] else \
         ("layer, scaled by each channel's max |w|" if record["scaled"] else "layer")
     lines = ["## Weight clustering", "",
@@ -164,7 +168,8 @@ def markdown(record: dict) -> str:
              f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
              f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s), distillation "
              f"{'on' if ft['distill'] else 'off'}).", "",
-             f"| top-1 on {acc['samples']} choosing samples | before clustering | clustered | fine-tuned |",
+             f"| {acc.get('metric') or 'top-1'} on {acc['samples']} choosing samples | before clustering | clustered | "
+             "fine-tuned |",
              "|---|---:|---:|---:|",
              f"| | {pct(acc['before'])} | {pct(acc['clustered'])} | {pct(acc['finetuned'])} |", "",
              f"int8 weights of these layers (estimate before export): {est['raw_bytes']:,} bytes raw, deflated "

@@ -16,9 +16,10 @@ from ..compress.lowrank import check_options, factorize, factorize_rounded
 from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
 from ..prune.config import FinetuneConfig
-from ..prune.finetune import evaluate, finetune, has_class_ids
+from ..prune.finetune import evaluate, finetune, score_name
+from ..prune.record import format_score
 from .context import BuildContext
-from .tables import require_torch
+from .tables import require_torch, user_metric
 
 NAME = "factorize"
 MAX_ROWS = 24  # per-layer rows in report.md; manifest.json has them all
@@ -92,19 +93,21 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     if not record["layers"]:
         record["warnings"].append("no layer was factorized (every candidate was skipped: see `skipped`)")
         say("warning: low-rank factorized no layer")
-    ft = cfg.finetune
-    accuracy = {"metric": _metric(choose), "before": evaluate(teacher, choose, ft.batch_size, teacher),
-                "factorized": evaluate(module, choose, ft.batch_size, teacher)}
+    ft, metric = cfg.finetune, user_metric(ctx)
+    accuracy = {"metric": score_name(choose, metric, "top-1 agreement with the unfactorized model"),
+                "before": evaluate(teacher, choose, ft.batch_size, teacher, metric),
+                "factorized": evaluate(module, choose, ft.batch_size, teacher, metric)}
     summary = None
     if record["layers"]:
         if train is None:
             say("warning: no --train data: factorizing without fine-tuning, accuracy will drop")
         summary = finetune(module, teacher, train, choose, ft,
                            lambda info: say(f"  fine-tune: epoch {info['epoch']}/{info['epochs']}, loss "
-                                            f"{info['loss']:.4g}, eval {info['eval_acc']}"))
+                                            f"{info['loss']:.4g}, eval {format_score(info['eval_acc'], accuracy['metric'])}"),
+                           metric=metric)
         record["warnings"] += [w.replace("the model is pruned only", "the model is factorized only")
                                for w in summary.pop("warnings")]
-    accuracy["finetuned"] = evaluate(module, choose, ft.batch_size, teacher)
+    accuracy["finetuned"] = evaluate(module, choose, ft.batch_size, teacher, metric)
     accuracy["seconds"] = round(time.monotonic() - start, 2)
     record.update(finetune=summary, finetune_config=ft.model_dump(), accuracy=accuracy,
                   early_stop_on=f"{len(choose)} choosing samples")
@@ -124,18 +127,6 @@ def _train_data(ctx: BuildContext):
     return ctx.data.train
 
 
-def _metric(data) -> str | None:
-    if data is None:
-        return None
-    if has_class_ids(data):
-        return "top-1 accuracy"
-    return "top-1 agreement with the unfactorized model" if data.y is None else None
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def markdown(record: dict) -> str:
     goal = ", ".join(f"{k}={v}" for k, v in record["requested"].items())
     acc = record["accuracy"]
@@ -149,8 +140,9 @@ def markdown(record: dict) -> str:
              f"{record['params_reduction']:.2f}x fewer |", ""]
     if acc.get("metric"):
         tuned = record.get("finetune") or {}
-        lines += [f"{acc['metric']} on the choosing samples: {_pct(acc['before'])} before, {_pct(acc['factorized'])} "
-                  f"factorized, {_pct(acc['finetuned'])} after fine-tuning"
+        pct = lambda v: "n/a" if v is None else format_score(v, acc["metric"])  # noqa: E731
+        lines += [f"{acc['metric']} on the choosing samples: {pct(acc['before'])} before, {pct(acc['factorized'])} "
+                  f"factorized, {pct(acc['finetuned'])} after fine-tuning"
                   + (f" ({tuned.get('epochs_run')} epoch(s), {'distillation' if tuned.get('distill') else 'labels'})"
                      if tuned else " (not fine-tuned)") + ".", ""]
     if record["layers"]:

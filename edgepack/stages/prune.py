@@ -6,8 +6,9 @@ from dataclasses import replace
 
 from ..errors import EdgepackError
 from ..prune import UnprunableModel, make_config, run_prune_stage
+from ..prune.record import format_score
 from .context import BuildContext
-from .tables import require_torch
+from .tables import require_torch, user_metric
 
 NAME = "prune"
 
@@ -59,7 +60,7 @@ def run(ctx: BuildContext, pcfg) -> dict:
         say(f"sparsity training first (network slimming): {sp.epochs} epoch(s), {sp.on} penalty {sp.l1:g}")
     try:
         module, record = run_prune_stage(loaded.module, loaded.example_inputs(), pcfg, profile,
-                                         train=train, eval=choose, progress=ctx.progress)
+                                         train=train, eval=choose, progress=ctx.progress, metric=user_metric(ctx))
     except UnprunableModel as e:
         if not ctx.cfg.prune.get("allow_unpruned"):
             raise EdgepackError(f"{e.message} (pass --allow-unpruned to build the unpruned model instead)", e.hint) from e
@@ -69,7 +70,8 @@ def run(ctx: BuildContext, pcfg) -> dict:
     if record is None:
         return {"skipped": "no pruning goal"}
     acc = record.accuracy or {}
-    tuned = f"; {acc['metric']} {_pct(acc.get('before'))} -> {_pct(acc.get('finetuned'))}" if acc.get("metric") else ""
+    tuned = (f"; {acc['metric']} {format_score(acc.get('before'), acc['metric'])} -> "
+             f"{format_score(acc.get('finetuned'), acc['metric'])}") if acc.get("metric") else ""
     say(f"pruned: MACs {record.macs_before:,} -> {record.macs_after:,} ({record.macs_reduction:.2f}x fewer){tuned}")
     ctx.model = replace(loaded, module=module.eval())
     ctx.sections[NAME] = record.markdown() + slimming_markdown(record)
@@ -87,6 +89,3 @@ def slimming_markdown(record) -> str:
     return (f"\nSparsity training before pruning (network slimming): {r['penalty']} penalty {r['l1']:g}, "
             f"{r['epochs_run']} epoch(s) in {r['seconds']:.1f} s{scales}.\n")
 
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"

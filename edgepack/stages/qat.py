@@ -33,12 +33,13 @@ from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
 from ..onnx_tools.quantize import quantize_onnx
 from ..prune import FinetuneConfig
+from ..prune.record import format_score
 from ..quality import drop, measure
 from ..scheme import scheme_name
 from . import quantize
 from .cluster import training_data
 from .context import BuildContext
-from .tables import require_torch, validate_table
+from .tables import require_torch, user_metric, validate_table
 from .export import FILE as FP32
 from .infer import predict, predict_onnx
 from . import tflite as tflite_stage
@@ -103,8 +104,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         ctx.say(f"qat: skipped for ONNX ({record['skipped']})")
         ctx.sections[NAME] = markdown(record)
         return record
-    key = ctx.cache.key(NAME, config={**cfg.model_dump(), "scheme": q.scheme.model_dump()}, files=[fp32],
-                        blobs=[hash_module(ctx.model.module)], versions=ctx.versions,
+    metric = ctx.metric[0] if ctx.metric else ""  # it picks the epoch kept: its source is part of the key
+    key = ctx.cache.key(NAME, config={**cfg.model_dump(), "scheme": q.scheme.model_dump()},
+                        files=[fp32, *([Path(metric.rpartition(":")[0])] if metric.rpartition(":")[0].endswith(".py") else [])],
+                        blobs=[hash_module(ctx.model.module), metric], versions=ctx.versions,
                         data=f"{ctx.data.calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
     cand = ctx.work / CANDIDATE
     stored = ctx.restore(NAME, key)
@@ -135,7 +138,8 @@ def _train(ctx: BuildContext, cfg: Config, q, train, cand: Path) -> dict:
     ctx.say(f"quantization-aware training ({scheme_name(q.scheme)}, "
             f"{'per-channel' if q.scheme.per_channel else 'per-tensor'} weights; {ft.epochs} epoch(s) on {len(train)} "
             f"samples, distillation {'on' if ft.distill else 'off'})")
-    trained, rec = train_qat(m.module, q.scheme, train, ctx.data.choose, ctx.data.calib, ft, ctx.progress)
+    trained, rec = train_qat(m.module, q.scheme, train, ctx.data.choose, ctx.data.calib, ft, ctx.progress,
+                             user_metric(ctx))
     fp32 = ctx.work / ".qat.fp32.onnx"
     try:
         to_onnx(trained, m.example_inputs(), fp32, True, m.input_names, m.outputs, m.batchable)
@@ -218,7 +222,8 @@ def _train_tflite(ctx: BuildContext, cfg: Config, train, calib, cand: Path, layo
     ctx.say(f"quantization-aware training for TFLite (litert-torch PT2E QAT, per-channel weights; {ft.epochs} epoch(s) "
             f"on {len(train)} samples, distillation {'on' if ft.distill else 'off'})")
     student, quant, example, rec = qat_tflite.train_qat_tflite(FlatOutputs(m.module).eval(), m.example_inputs(), train,
-                                                               ctx.data.choose, calib, ft, layout, len(calib), ctx.progress)
+                                                               ctx.data.choose, calib, ft, layout, len(calib), ctx.progress,
+                                                               user_metric(ctx))
     with ctx.progress.task("converting the QAT model to TFLite int8 (litert-torch)"):
         art, converted = qat_tflite.convert_trained(student, quant, example, cand, layout, m.input_names, m.outputs)
     # the file against the model it was made from (int8 simulated in PyTorch), on the choosing samples
@@ -256,7 +261,7 @@ def markdown(record: dict) -> str:
         lines += [f"ONNX: not run: {record['skipped']} (PTQ drop {record['ptq_drop']} {record['drop_unit']} on "
                   f"{record['chosen_on']}).", ""]
         return "\n".join(lines + _tflite_markdown(record)) + "\n"
-    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    pct = (lambda v: "n/a" if v is None else format_score(v, record.get("simulated_metric")))
     lines += [f"{record['scheme']} ({'per-channel' if record['per_channel'] else 'per-tensor'} weights) simulated in "
               f"{record['layers']} Conv/Linear layer(s), BatchNorm {'folded' if record['batchnorm_folded'] else 'NOT folded (approximate)'}; "
               f"{record['epochs_run']} epoch(s) on {record['train_samples']} samples, distillation "
@@ -264,7 +269,8 @@ def markdown(record: dict) -> str:
               + (f" {record['train_note']}." if record.get("train_note") else ""), "",
               f"| {record['drop_unit']} drop on {record['chosen_on']} | PTQ (+ fallback) | QAT |", "|---|---:|---:|",
               f"| | {record['ptq_drop']} | {record['qat_drop']} |", "",
-              f"Simulated int8 top-1 on the choosing samples (PyTorch): {pct(record['simulated_top1_before'])} before, "
+              f"Simulated int8 {record.get('simulated_metric') or 'top-1'} on the choosing samples (PyTorch): "
+              f"{pct(record['simulated_top1_before'])} before, "
               f"{pct(record['simulated_top1_after'])} after training.", "",
               ("`model.int8.onnx` is the QAT artifact (QDQ, the same quantizer and scheme as PTQ)." if record["replaced"]
                else "QAT did not beat PTQ on the choosing samples: `model.int8.onnx` is PTQ's.")
@@ -281,7 +287,7 @@ def _tflite_markdown(record: dict) -> list[str]:
     if t.get("skipped"):
         drop = f" (PTQ drop {t['ptq_drop']} {t['drop_unit']})" if t.get("ptq_drop") is not None else ""
         return lines + [f"Not run: {t['skipped']}{drop}; `model.int8.tflite` is litert-torch's PT2E PTQ.", ""]
-    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    pct = (lambda v: "n/a" if v is None else format_score(v, t.get("simulated_metric")))
     vs = t.get("vs_simulated") or {}
     lines += [f"Route: {t['route']}. Scheme: {t['scheme']}; {t['fake_quantizers']} fake quantizers (weights and activations), "
               f"ranges initialised on {t['calibration_samples']} calibration samples; {t['epochs_run']} epoch(s), "
@@ -289,13 +295,15 @@ def _tflite_markdown(record: dict) -> list[str]:
               f"| {t['drop_unit']} drop vs `{t['reference']}` on {record['chosen_on']} | PT2E PTQ"
               f"{' (+ fallback)' if t.get('ptq_fallback') else ''} | PT2E QAT |", "|---|---:|---:|",
               f"| | {t['ptq_drop']} | {t['qat_drop']} |", "",
-              f"Simulated int8 top-1 on the choosing samples (PyTorch): {pct(t['simulated_top1_before'])} before, "
+              f"Simulated int8 {t.get('simulated_metric') or 'top-1'} on the choosing samples (PyTorch): "
+              f"{pct(t['simulated_top1_before'])} before, "
               f"{pct(t['simulated_top1_after'])} after training. The QAT `.tflite` against the trained model "
               f"(int8 simulated in PyTorch) on {vs.get('samples')} samples"
               + (f", the worst of its {len(vs['outputs'])} outputs" if len(vs.get("outputs", [])) > 1 else "")
               + f": max abs diff {vs.get('max_abs_diff')}, "
               f"relative error {vs.get('relative_error')}"
-              + (f", top-1 agreement {pct(vs['top1_agreement'])}" if "top1_agreement" in vs else "") + ".", "",
+              + (f", top-1 agreement {format_score(vs['top1_agreement'], 'top-1')}" if "top1_agreement" in vs else "")
+              + ".", "",
               ("`model.int8.tflite` is the QAT artifact (litert-torch PT2E QAT)." if t["replaced"]
                else "QAT did not beat PTQ on the choosing samples: `model.int8.tflite` is litert-torch's PT2E PTQ."), ""]
     return lines

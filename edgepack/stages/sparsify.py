@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..compress.sparsity import SCHEDULES, check_target, magnitude_sparsify, sparsifiable_layers, weight_bytes
 from ..prune import FinetuneConfig, evaluate
+from ..prune.finetune import score_name
+from ..prune.record import format_score
 from .cluster import training_data
 from .context import BuildContext
-from .tables import require_torch, validate_table
+from .tables import require_torch, user_metric, validate_table
 
 NAME = "sparsify"
 FINETUNE_DEFAULTS = {"epochs": 2, "lr": 0.005}
@@ -76,9 +78,11 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         say(f"warning: {w}")
     ctx.model = replace(loaded, module=student.eval())
     after = weight_bytes(student, names)
+    metric = user_metric(ctx)
     record = {**rec.to_dict(), "finetune": summary,
-              "accuracy": {"samples": len(choose), "before": evaluate(teacher, choose, ft_cfg.batch_size),
-                           "sparsified": evaluate(student, choose, ft_cfg.batch_size)},
+              "accuracy": {"samples": len(choose), "metric": score_name(choose, metric, "top-1"),
+                           "before": evaluate(teacher, choose, ft_cfg.batch_size, metric=metric),
+                           "sparsified": evaluate(student, choose, ft_cfg.batch_size, metric=metric)},
               "fp32_weights": {"raw_bytes": before["raw_bytes"], "deflate_bytes_before": before["deflate_bytes"],
                                "deflate_bytes_after": after["deflate_bytes"],
                                "measure": "deflate level 9 of the sparsified layers' fp32 weights, in order"}}
@@ -90,13 +94,13 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["fp32_weights"], record["finetune"]
-    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    pct = (lambda v: "n/a" if v is None else format_score(v, acc.get("metric")))
     lines = ["## Magnitude sparsity", "",
              f"{100 * record['sparsity']:.1f}% of the weights of {len(record['layers'])} Conv/Linear layer(s) "
              f"({record['sparsified_weights']:,} weights) are zero: target {record['target']}, "
              f"{record['schedule']} schedule over {record['steps']} step(s) ({record['mask_updates']} mask update(s)), "
              f"fine-tuned {ft['epochs_run']} epoch(s) with distillation {'on' if ft['distill'] else 'off'}.", "",
-             f"| top-1 on {acc['samples']} choosing samples | before | sparsified and fine-tuned |",
+             f"| {acc.get('metric') or 'top-1'} on {acc['samples']} choosing samples | before | sparsified and fine-tuned |",
              "|---|---:|---:|",
              f"| | {pct(acc['before'])} | {pct(acc['sparsified'])} |", "",
              f"fp32 weights of these layers: {est['raw_bytes']:,} bytes raw, deflated {est['deflate_bytes_before']:,} -> "

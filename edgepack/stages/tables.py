@@ -29,3 +29,12 @@ def validate_table(model: type[BaseModel], options: dict | None, table: str, exa
                  f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
         raise EdgepackError(f"invalid [compress.{table}] options:\n" + "\n".join(lines), f"e.g. {example}") from e
     return cfg
+
+
+def user_metric(ctx: BuildContext):
+    """The build's --metric for the fine-tuning stages (edgepack.prune.finetune.UserMetric: it
+    picks the epoch kept and is the figure they record), or None."""
+    if ctx.metric is None:
+        return None
+    from ..prune.finetune import UserMetric  # torch: only the stages that train ask
+    return UserMetric(ctx.metric[0], ctx.metric[1], tuple(ctx.model.outputs))
