@@ -450,9 +450,10 @@ def _confirm_of_pick(row: dict) -> dict | None:
     number = row.get("best_number")
     trials = row.get("trial_rows") or []
     pick = next((t for t in trials if t["number"] == number), None)
-    if not pick or not pick.get("confirm"):
-        return None
     rejected = [t["number"] for t in trials if t.get("confirm") and not t["confirm"]["confirmed"]]
+    if not pick or not pick.get("confirm"):
+        # no pick: every candidate it re-measured missed (or there was none to re-measure)
+        return {"median_p50_ms": None, "p50_rounds_ms": None, "rejected_candidates": rejected} if rejected else None
     return {"median_p50_ms": pick["confirm"]["median_p50_ms"], "p50_rounds_ms": pick["confirm"]["p50_rounds_ms"],
             "rejected_candidates": rejected}
 
@@ -490,8 +491,8 @@ def markdown_table(summary: dict, budget: float) -> str:
                 ("-" if p["test_top1_even_if_infeasible"] is None else f"({p['test_top1_even_if_infeasible']:.2f}, infeasible)")
             lines.append(f"| {method} | {p['seed']} | {'yes' if p['feasible'] else 'no'} | {acc} | "
                          f"{_f(p['device_p50_ms'], 3)} | {_f(p['first_feasible_trial'], 0)} | {_f(p['wall_s'], 0)} | "
-                         + (f"{p['confirm']['median_p50_ms']:.3f} ({len(p['confirm']['rejected_candidates'])})"
-                            if p.get("confirm") else "-") + " | "
+                         + (("no pick" if p["confirm"]["median_p50_ms"] is None else f"{p['confirm']['median_p50_ms']:.3f}")
+                            + f" ({len(p['confirm']['rejected_candidates'])})" if p.get("confirm") else "-") + " | "
                          + (f"{p['recheck_median_p50_ms']:.3f} ({p['recheck_rounds_within_budget']})"
                             if p.get("recheck_median_p50_ms") is not None else "-") + " |")
         m = s["mean"]
@@ -616,7 +617,7 @@ def write_report(args, work: Path, seeds: list[int], budget: float, rng: dict, u
            "setup": {"model": f"resnet18 width {WIDTH}, 1x1x32x32, 10 classes", "task": "noisy_digits(seed=0)",
                      "data": info["sizes"], "device": "sshd on 127.0.0.1 (x86 SSH device, the venv's python)",
                      "threads": args.threads, "trials_per_search": args.trials, "samplers": args.samplers,
-                     "seeds": seeds, "finetune": {"epochs": args.ft_epochs, "max_minutes": args.ft_minutes,
+                     "seeds": seeds, "seed_workers_at_once": args.parallel, "finetune": {"epochs": args.ft_epochs, "max_minutes": args.ft_minutes,
                                                   "distill": True, "threads": 1},
                      "device_eval_samples": DEVICE_EVAL, "search_space": {"over_the_defaults": search_space(args),
                                       "defaults": "edgepack.search.space.default_space (see rows' params)"},
