@@ -148,7 +148,7 @@ class _Loaded:
 @pytest.mark.slow
 def test_the_stage_sparsifies_the_build_model_and_records_it(teacher):
     ctx = SimpleNamespace(cfg=SimpleNamespace(compress={"sparsity": {"target": 0.6, "epochs": 1}}, train=None),
-                          model=_Loaded(copy.deepcopy(teacher)), say=lambda *_: None, sections={},
+                          model=_Loaded(copy.deepcopy(teacher)), say=lambda *_: None, sections={}, metric=None,
                           data=SimpleNamespace(train=blobs(128, 3), choose=blobs(64, 4)))
     record = sparsify.run(ctx, sparsify.config(ctx))
     assert record["sparsity"] == pytest.approx(0.6, abs=0.01)
