@@ -117,10 +117,10 @@ class PruneRecord:
         return "\n".join(lines).rstrip() + "\n"
 
 
-def format_score(value, name: str | None) -> str:
+def format_score(value, name: str | None, missing: str = "-") -> str:
     """A figure of fine-tuning's `evaluate`: top-1 as a percentage, the user's metric as it is."""
     if value is None:
-        return "-"
+        return missing
     return f"{100 * value:.2f}%" if name is None or name.startswith("top-1") else f"{value:.4g}"
 
 

@@ -159,7 +159,7 @@ def int8_weight_sizes(before, after, names: list[str], qmax: int = INT8_MAX) -> 
 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
-    pct = (lambda v: "n/a" if v is None else format_score(v, acc.get("metric")))
+    pct = (lambda v: format_score(v, acc.get("metric"), "n/a"))
     scope = "output channel" if record["per_channel"] else \
         ("layer, scaled by each channel's max |w|" if record["scaled"] else "layer")
     lines = ["## Weight clustering", "",

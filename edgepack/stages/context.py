@@ -130,6 +130,15 @@ class BuildContext:
         """Where long loops report: `with ctx.progress.task("calibrating", total=n) as t`."""
         return self.say
 
+    def metric_key(self) -> tuple[list[Path], str]:
+        """What a cache key holds of --metric, for a stage whose result it steers: the file of a
+        `file.py:function` by content, with the function's name; a `package.module:function`
+        by name. Nothing without one."""
+        if self.metric is None:
+            return [], ""
+        source, _, function = self.metric[0].rpartition(":")
+        return ([Path(source)], function) if source.endswith(".py") else ([], self.metric[0])
+
     def restore(self, stage: str, key: str) -> dict | None:
         """A cached stage result: its files copied into the build, its record; None on a miss."""
         entry = self.cache.get(key)

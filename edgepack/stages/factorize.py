@@ -140,7 +140,7 @@ def markdown(record: dict) -> str:
              f"{record['params_reduction']:.2f}x fewer |", ""]
     if acc.get("metric"):
         tuned = record.get("finetune") or {}
-        pct = lambda v: "n/a" if v is None else format_score(v, acc["metric"])  # noqa: E731
+        pct = (lambda v: format_score(v, acc["metric"], "n/a"))  # noqa: E731
         lines += [f"{acc['metric']} on the choosing samples: {pct(acc['before'])} before, {pct(acc['factorized'])} "
                   f"factorized, {pct(acc['finetuned'])} after fine-tuning"
                   + (f" ({tuned.get('epochs_run')} epoch(s), {'distillation' if tuned.get('distill') else 'labels'})"

@@ -104,10 +104,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         ctx.say(f"qat: skipped for ONNX ({record['skipped']})")
         ctx.sections[NAME] = markdown(record)
         return record
-    metric = ctx.metric[0] if ctx.metric else ""  # it picks the epoch kept: its source is part of the key
+    metric_files, metric = ctx.metric_key()  # it picks the epoch kept
     key = ctx.cache.key(NAME, config={**cfg.model_dump(), "scheme": q.scheme.model_dump()},
-                        files=[fp32, *([Path(metric.rpartition(":")[0])] if metric.rpartition(":")[0].endswith(".py") else [])],
-                        blobs=[hash_module(ctx.model.module), metric], versions=ctx.versions,
+                        files=[fp32, *metric_files], blobs=[hash_module(ctx.model.module), metric], versions=ctx.versions,
                         data=f"{ctx.data.calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
     cand = ctx.work / CANDIDATE
     stored = ctx.restore(NAME, key)
@@ -184,10 +183,11 @@ def run_tflite(ctx: BuildContext, cfg: Config, train) -> dict:
         ctx.say(f"qat: skipped for TFLite ({rec['skipped']})")
         return rec
     calib = ctx.data.calib.sample(n_cal, seed=0)  # the tflite stage's calibration samples
-    metric = ctx.metric[0] if ctx.metric else ""
+    metric_files, metric = ctx.metric_key()
     key = ctx.cache.key(f"{NAME}-tflite", config={**cfg.model_dump(), "layout": layout, "calibration_samples": n_cal,
                                                   "inputs": [s.model_dump() for s in m.inputs], "route": qat_tflite.ROUTE},
-                        files=[Path(qat_tflite.__file__)], blobs=[hash_module(m.module), metric], versions=ctx.versions,
+                        files=[Path(qat_tflite.__file__), *metric_files], blobs=[hash_module(m.module), metric],
+                        versions=ctx.versions,
                         data=f"{calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
     stored = ctx.restore(f"{NAME} (TFLite)", key)
     if stored is None:
@@ -261,7 +261,7 @@ def markdown(record: dict) -> str:
         lines += [f"ONNX: not run: {record['skipped']} (PTQ drop {record['ptq_drop']} {record['drop_unit']} on "
                   f"{record['chosen_on']}).", ""]
         return "\n".join(lines + _tflite_markdown(record)) + "\n"
-    pct = (lambda v: "n/a" if v is None else format_score(v, record.get("simulated_metric")))
+    pct = (lambda v: format_score(v, record.get("simulated_metric"), "n/a"))
     lines += [f"{record['scheme']} ({'per-channel' if record['per_channel'] else 'per-tensor'} weights) simulated in "
               f"{record['layers']} Conv/Linear layer(s), BatchNorm {'folded' if record['batchnorm_folded'] else 'NOT folded (approximate)'}; "
               f"{record['epochs_run']} epoch(s) on {record['train_samples']} samples, distillation "
@@ -287,7 +287,7 @@ def _tflite_markdown(record: dict) -> list[str]:
     if t.get("skipped"):
         drop = f" (PTQ drop {t['ptq_drop']} {t['drop_unit']})" if t.get("ptq_drop") is not None else ""
         return lines + [f"Not run: {t['skipped']}{drop}; `model.int8.tflite` is litert-torch's PT2E PTQ.", ""]
-    pct = (lambda v: "n/a" if v is None else format_score(v, t.get("simulated_metric")))
+    pct = (lambda v: format_score(v, t.get("simulated_metric"), "n/a"))
     vs = t.get("vs_simulated") or {}
     lines += [f"Route: {t['route']}. Scheme: {t['scheme']}; {t['fake_quantizers']} fake quantizers (weights and activations), "
               f"ranges initialised on {t['calibration_samples']} calibration samples; {t['epochs_run']} epoch(s), "

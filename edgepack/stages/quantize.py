@@ -58,10 +58,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     fp32, int8 = ctx.work / FP32, ctx.work / FILE
     d = ctx.data
     # The fallback aims at the metric: its source is part of the key (a file by content).
-    metric_src = ctx.metric[0].rpartition(":")[0] if ctx.metric else ""
-    key = ctx.cache.key(NAME, config=cfg.model_dump(), files=[fp32, *([Path(metric_src)] if metric_src.endswith(".py") else [])],
+    metric_files, metric = ctx.metric_key()
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), files=[fp32, *metric_files],
                         data=f"{d.calib.fingerprint()}-{d.choose.fingerprint()}", versions=ctx.versions,
-                        blobs=[ctx.metric[0].rpartition(":")[2] if ctx.metric else ""])
+                        blobs=[metric])
     record = ctx.restore(NAME, key)
     if record is None:
         q = cfg.scheme

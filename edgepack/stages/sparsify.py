@@ -94,7 +94,7 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["fp32_weights"], record["finetune"]
-    pct = (lambda v: "n/a" if v is None else format_score(v, acc.get("metric")))
+    pct = (lambda v: format_score(v, acc.get("metric"), "n/a"))
     lines = ["## Magnitude sparsity", "",
              f"{100 * record['sparsity']:.1f}% of the weights of {len(record['layers'])} Conv/Linear layer(s) "
              f"({record['sparsified_weights']:,} weights) are zero: target {record['target']}, "

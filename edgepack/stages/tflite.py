@@ -68,9 +68,8 @@ def config(ctx: BuildContext) -> Config | None:
 def run(ctx: BuildContext, cfg: Config) -> dict:
     m = ctx.model
     calib = ctx.data.calib.sample(cfg.calibration_samples, seed=0)
-    metric = ctx.metric[0] if ctx.metric else ""
-    key = ctx.cache.key(NAME, config=cfg.model_dump(), blobs=[hash_module(m.module), metric],
-                        files=[Path(metric.rpartition(":")[0])] if metric.rpartition(":")[0].endswith(".py") else [],
+    metric_files, metric = ctx.metric_key()
+    key = ctx.cache.key(NAME, config=cfg.model_dump(), blobs=[hash_module(m.module), metric], files=metric_files,
                         data=f"{calib.fingerprint()}-{ctx.data.choose.fingerprint()}", versions=ctx.versions)
     try:
         stage = ctx.restore(NAME, key)
