@@ -333,3 +333,11 @@ def test_nothing_to_confirm_without_a_latency_budget_or_with_confirmation_off(tm
     assert confirm_best(rows, never, rounds=0, candidates=3, say=print) == (rows[1], None)
     rows[1]["not_judged"] = ["latency_p50_ms"]  # an emulated device's latency: not a budget to confirm
     assert confirm_best(rows, never, rounds=3, candidates=3, say=print) == (rows[1], None)
+
+
+def test_a_missed_median_prints_with_the_digits_that_tell_it_from_its_limit():
+    from edgepack.search.confirm import _ms
+    assert _ms(0.5543, 0.554) == "0.5543 ms"
+    assert _ms(0.55400002, 0.554).startswith("0.55400002")
+    assert _ms(0.61, 0.554) == "0.610 ms"
+    assert _ms(0.61) == "0.610 ms" and _ms(None, 0.5) == "-"

@@ -78,7 +78,7 @@ def confirm_best(rows: list[dict], measure: Measure, rounds: int, candidates: in
                         "missed": missed, "errors": s["errors"], "where": r.get("latency_where")}
         say(f"trial {r['number']}: p50 {r['latency_ms']:.3f} ms in the trial, median {_ms(medians['p50'])} of "
             f"{len(s['p50'])} round(s) now: " + ("confirmed" if not missed else "NOT confirmed ("
-                                                 + ", ".join(f"{b} {_ms(v['median'])} > {v['limit']}" if v["median"]
+                                                 + ", ".join(f"{b} {_ms(v['median'], v['limit'])} > {v['limit']}" if v["median"]
                                                              is not None else f"{b} not measured"
                                                              for b, v in missed.items()) + ")"))
         if best is None and not missed:
@@ -88,8 +88,15 @@ def confirm_best(rows: list[dict], measure: Measure, rounds: int, candidates: in
     return best, record
 
 
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.3f} ms"
+def _ms(v, limit=None) -> str:
+    """v in ms to 3 decimals, or as many more as it takes to differ from `limit` (a median of
+    0.5543 against a limit of 0.554 printed as "0.554 > 0.554" before)."""
+    if v is None:
+        return "-"
+    digits = 3
+    while limit is not None and digits < 9 and f"{v:.{digits}f}" == f"{limit:.{digits}f}":
+        digits += 1
+    return f"{v:.{digits}f} ms"
 
 
 def measurer(devices_dir: list[str] | None, accept_new_host_key: bool, host_runs: int = 50) -> Measure:
