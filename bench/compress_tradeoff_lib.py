@@ -23,7 +23,7 @@ from fixtures.zoo import mobilenet_v2, resnet18  # noqa: E402
 
 from edgepack.compress.cluster import cluster, clusters_kept  # noqa: E402
 from edgepack.compress.lowrank import factorize_rounded  # noqa: E402
-from edgepack.compress.qat import train_qat  # noqa: E402
+from edgepack.compress.qat import RANGE_LR, train_qat  # noqa: E402
 from edgepack.compress.size import compressed_sizes  # noqa: E402
 from edgepack.compress.sparsity import magnitude_sparsify  # noqa: E402
 from edgepack.onnx_tools.export import to_onnx  # noqa: E402
@@ -205,14 +205,17 @@ def sparsify(model, teacher, task, args, seed: int, profile):
     return student, {"target": args.sparsity, "schedule": rec.schedule, "finetune": _ft(s)}, None
 
 
-def qat(model, task, args, seed: int, scheme, calib):
+def qat(model, task, args, seed: int, scheme, calib, learn_ranges: bool = True):
     """train_qat (the qat stage's route: BatchNorm folded, the scheme simulated, distillation from
-    `model`, Adam); the artifact is the trained float model through the same quantizer."""
+    `model`, Adam, learned weight ranges unless not `learn_ranges`); the artifact is the trained
+    float model through the same quantizer."""
     cfg = FinetuneConfig(epochs=args.qat_epochs, lr=LR["qat"], seed=seed, patience=2, max_minutes=args.ft_minutes,
                          distill=True, threads=1)
-    trained, rec = train_qat(model, scheme, task.train, task.val, calib, cfg)
+    trained, rec = train_qat(model, scheme, task.train, task.val, calib, cfg, learn_ranges=learn_ranges,
+                             range_lr=args.qat_range_lr or RANGE_LR)
     s = rec.pop("finetune")
     return trained, {"scheme": scheme.model_dump(), "batchnorm_folded": rec["batchnorm_folded"],
+                     "weight_ranges": rec["weight_ranges"],
                      "simulated_val_before": rec["simulated_top1_before"], "simulated_val_after": rec["simulated_top1_after"],
                      "finetune": {"epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"], "seconds": s["seconds"]}}
 

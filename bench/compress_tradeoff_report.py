@@ -62,10 +62,10 @@ def summarize(state: dict) -> dict:
         e["top1"] = {k: L.mean_se([r["top1"][k]["top1"] if r["top1"].get(k) else None for r in rows])
                      for k in ("before_ft", "fp32", "int8.onnx", "int8.tflite")}
         e["drop_fp32_vs_baseline_fp32"] = drop_stats(rows, ref["fp32"], "fp32")
-        e["drop_int8_vs_plain_int8"] = drop_stats(rows, ref["int8.onnx"], "int8.onnx") if m != "qat_outliers" else None
+        e["drop_int8_vs_plain_int8"] = drop_stats(rows, ref["int8.onnx"], "int8.onnx") if not m.startswith("qat_outliers") else None
         if "int8.tflite" in s0["correct"]:
             e["drop_litert_int8_vs_plain_litert_int8_seed0"] = L.paired_drop(ref["int8.tflite"], L.unpack(s0["correct"]["int8.tflite"]))
-        if m == "qat_outliers":
+        if m.startswith("qat_outliers"):
             e["ptq_drop"] = L.mean_se([r["ptq_drop"]["drop"] for r in rows])
             e["qat_drop"] = L.mean_se([r["qat_drop"]["drop"] for r in rows])
             e["fraction_recovered"] = L.mean_se([r["fraction_recovered"] for r in rows])
@@ -137,6 +137,8 @@ def goals(summaries: dict[str, dict]) -> dict:
         return {"config": "planted outlier channels, per-tensor int8 weights (compress_qat.py's)", "ptq_drop": e["ptq_drop"],
                 "qat_drop": e["qat_drop"], "fraction_recovered": e["fraction_recovered"], "seeds": e["seeds"],
                 "ptq_loses_2_points": ptq >= 2.0, "met": ptq >= 2.0 and fr is not None and fr >= 0.5,
+                "fixed_ranges_control": {k: (s.get("qat_outliers_fixed") or {}).get(k)
+                                         for k in ("qat_drop", "fraction_recovered", "seeds")},
                 "x86_scheme_row": {"ptq_drop_int8": _get(s, "baseline", "top1"),
                                    "qat_int8_top1": _get(s, "qat", "top1", "int8.onnx")}}
 
@@ -193,7 +195,7 @@ def plot(doc: dict, path: Path) -> None:
             pts = [("baseline fp32", b["deflate_bytes"]["fp32.onnx"], lat.get("fp32.onnx"), b["top1"]["fp32"]["top1"], 0, "o"),
                    ("plain int8", b["deflate_bytes"]["int8.onnx"], lat.get("int8.onnx"), b["top1"]["int8.onnx"]["top1"], 0, "s"),
                    ("fp16", b["deflate_bytes"]["fp16.onnx"], lat.get("fp16.onnx"), b["top1"]["fp16.onnx"]["top1"], 0, "D")]
-            for i, (m, e) in enumerate((m, e) for m, e in s.items() if m not in ("baseline", "fp16", "qat_outliers")):
+            for i, (m, e) in enumerate((m, e) for m, e in s.items() if m not in ("baseline", "fp16", "qat_outliers", "qat_outliers_fixed")):
                 if "top1" not in e:
                     continue
                 drop = e.get("drop_int8_vs_plain_int8") or {}

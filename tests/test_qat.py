@@ -127,8 +127,49 @@ def test_weight_simulation_is_what_onnx_runtime_quantizes(untrained, tmp_path, p
     ort_weights = qdq_weights(tmp_path / "q.onnx")
     assert len(ort_weights) == len(convs) == 2
     for conv, w in zip(convs, ort_weights):
-        simulated = WeightFakeQuant(q, 0)(conv.weight.detach()).numpy()
+        simulated = WeightFakeQuant(q, 0)(conv.weight.detach()).detach().numpy()
         np.testing.assert_allclose(simulated, w, rtol=0, atol=1e-6 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_learned_weight_ranges_are_what_onnx_runtime_quantizes_after_export(untrained, tmp_path, per_channel):
+    """With clip ratios below 1 (as training leaves them), the weights the simulation used are the
+    int8 weights ORT's quantizer writes for the exported model: the export clips to the ratios."""
+    q = Quantization(per_channel=per_channel)
+    folded, _ = fold_batchnorm(untrained["model"])
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    with fake_quantized(folded, q):
+        simulated = []
+        for i, conv in enumerate(convs):
+            fq = conv.parametrizations.weight[0]
+            with torch.no_grad():
+                fq.ratio.copy_(torch.linspace(0.2, 0.9, fq.ratio.numel()).reshape(fq.ratio.shape) if per_channel
+                               else torch.tensor(0.3 + 0.4 * i))
+                simulated.append(conv.weight.numpy().copy())
+        unclipped = WeightFakeQuant(q, 0)(convs[0].parametrizations.weight.original.detach()).detach().numpy()
+        assert not np.allclose(simulated[0], unclipped)  # the ratios changed the codes
+    fp32 = to_onnx(folded, (torch.zeros(1, 1, 8, 8),), tmp_path / "clipped.onnx")
+    quantize_onnx(fp32, tmp_path / "q.onnx", untrained["train"], q, 1)
+    ort_weights = qdq_weights(tmp_path / "q.onnx")
+    assert len(ort_weights) == len(simulated) == 2
+    for sim, w in zip(simulated, ort_weights):
+        np.testing.assert_allclose(sim, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_learned_ratio_gets_a_gradient_and_stays_in_range(untrained):
+    q = Quantization(per_channel=False)
+    folded, _ = fold_batchnorm(untrained["model"])
+    conv = next(m for m in folded.modules() if isinstance(m, nn.Conv2d))
+    with fake_quantized(folded, q):
+        fq = conv.parametrizations.weight[0]
+        conv.weight.square().sum().backward()
+        assert fq.ratio.grad is not None and float(fq.ratio.grad) != 0
+        with torch.no_grad():
+            fq.ratio.fill_(3.0)
+        fq.project_()
+        assert float(fq.ratio) == 1.0
+    with fake_quantized(folded, q, learn_ranges=False):
+        assert not conv.parametrizations.weight[0].ratio.requires_grad
 
 
 def test_fake_quantization_is_stripped_on_exit(untrained):

@@ -9,9 +9,12 @@ The route, and why it is this one:
 - Weights: a parametrization fake-quantizes every Conv/Linear weight on each forward exactly as
   ORT's quantizer will (`WeightSymmetric`: scale = 2 max|w| / (qmax - qmin) with ORT's ranges,
   per output channel when the scheme is per-channel, else per tensor; 7-bit with reduce_range),
-  with the straight-through estimator. The float weights underneath are what is trained; after
-  training ORT's quantizer maps them through the same function, so the weight codes the network
-  was trained with are the artifact's.
+  with the straight-through estimator. The scale is multiplied by a learned clip ratio (LSQ's
+  gradient; starts at 1, i.e. ORT's scale), so an outlier that sets a per-tensor scale can be
+  clipped for resolution elsewhere. The float weights underneath are what is trained; on exit
+  they are clipped to ratio * max|w|, so ORT's max-based scale is the learned one and its
+  quantizer maps them through the same function: the weight codes the network was trained with
+  are the artifact's.
 - Activations: per-tensor affine fake quantization (the scheme's activation type) at the input of
   every Conv/Linear, ranges initialised by MinMax over the calibration samples and followed by an
   EMA during training (torch's observers' averaging constant, 0.01). The artifact's activation
@@ -41,6 +44,8 @@ from ..targets import Quantization
 from .cluster import out_axis
 
 EMA = 0.01  # torch.ao's MovingAverageMinMaxObserver default averaging constant
+MIN_RATIO = 0.01  # the smallest learned weight clip ratio (WeightFakeQuant)
+RANGE_LR = 0.05  # Adam lr of the clip ratios: 5e-3 barely moved them in 2 epochs (bench: compress_tradeoff_qat_k*.json)
 _RANGES = {"QInt8": (-128, 127), "QUInt8": (0, 255)}
 _SYMMETRIC = {"QInt8": (-127, 127)}  # ORT's ONNX_INT_TYPE_SYMMETRIC_RANGE
 _REDUCED = {"QInt8": (-64, 64), "QUInt8": (0, 127)}  # ORT's ONNX_INT_TYPE_REDUCED_RANGE
@@ -67,25 +72,61 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class WeightFakeQuant(nn.Module):
-    """Parametrization: w -> dequantize(quantize(w)) with ORT's symmetric weight scheme (STE)."""
+    """Parametrization: w -> dequantize(quantize(w)) with ORT's symmetric weight scheme (STE).
 
-    def __init__(self, q: Quantization, axis: int):
+    The scale is ORT's (2 max|w| / (qmax - qmin), per tensor or per output channel) times a
+    learned clip ratio in [MIN_RATIO, 1] (one per scale; 1 at the start, so the untrained
+    simulation is exactly ORT's). The ratio is trained by LSQ's gradient (Esser et al. 2020;
+    AIMET's range learning and NNCF's trainable scales do the same), because one outlier channel
+    that sets a per-tensor scale leaves every other channel a handful of codes, and clipping it
+    trades a little error there for resolution everywhere else. `clip_()` writes the learned range
+    into the weights (|w| <= ratio * max|w|), after which ORT's max-based scale is the learned one."""
+
+    def __init__(self, q: Quantization, axis: int, channels: int | None = None, learn_range: bool = True):
         super().__init__()
         self.qmin, self.qmax = weight_range(q)
-        self.per_channel, self.axis = q.per_channel, axis
+        self.per_channel, self.axis, self.learn_range = q.per_channel, axis, learn_range
+        shape = (channels,) if (q.per_channel and channels) else ()
+        self.ratio = nn.Parameter(torch.ones(shape), requires_grad=learn_range)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def _absmax(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.per_channel:
                 dims = [d for d in range(w.dim()) if d != self.axis]
-                absmax = w.abs().amax(dim=dims) if dims else w.abs()
-            else:
-                absmax = w.abs().max()
-            scale = (2 * absmax / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
-            zero = torch.full_like(scale, round((self.qmax + self.qmin) / 2), dtype=torch.int32)
+                return w.abs().amax(dim=dims) if dims else w.abs()
+            return w.abs().max()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        absmax = self._absmax(w)
+        ratio = self.ratio.expand_as(absmax) if self.per_channel else self.ratio.reshape(())
+        scale = (2 * ratio * absmax / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
+        zero = torch.full_like(absmax, float(round((self.qmax + self.qmin) / 2)))
+        if self.learn_range and torch.is_grad_enabled():
+            if self.per_channel:
+                return torch._fake_quantize_learnable_per_channel_affine(w, scale.float(), zero, self.axis,
+                                                                         self.qmin, self.qmax)
+            return torch._fake_quantize_learnable_per_tensor_affine(w, scale.float().reshape(1), zero.reshape(1),
+                                                                    self.qmin, self.qmax)
+        scale, zero = scale.detach().float(), zero.to(torch.int32)
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, self.axis, self.qmin, self.qmax)
-        return torch.fake_quantize_per_tensor_affine(w, scale.float(), zero, self.qmin, self.qmax)
+            return torch.fake_quantize_per_channel_affine(w, scale, zero, self.axis, self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(w, scale, zero, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def project_(self):
+        """Keep the ratio in [MIN_RATIO, 1] after an optimizer step (a ratio above 1 would only
+        waste codes; below MIN_RATIO the scale would clip nearly everything)."""
+        self.ratio.clamp_(MIN_RATIO, 1.0)
+
+    @torch.no_grad()
+    def clip_(self, w: torch.Tensor):
+        """Clamp `w` in place to the learned range, so max|w| (ORT's scale) is ratio * max|w|."""
+        bound = self._absmax(w) * self.ratio.clamp(MIN_RATIO, 1.0)
+        if self.per_channel:
+            shape = [1] * w.dim()
+            shape[self.axis] = -1
+            bound = bound.reshape(shape)
+        w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
 
 
 class ActFakeQuant(nn.Module):
@@ -149,15 +190,18 @@ class _FrozenBatchNorm:
 
 
 @contextmanager
-def fake_quantized(model: nn.Module, q: Quantization):
+def fake_quantized(model: nn.Module, q: Quantization, learn_ranges: bool = True):
     """Within the context `model` simulates `q`'s int8 (weights and Conv/Linear inputs); on exit
-    the fake quantization is stripped and the trained float weights stay. Yields the layer names."""
+    the fake quantization is stripped and the trained float weights stay, clipped to their learned
+    ranges (`learn_ranges`: WeightFakeQuant's clip ratios are trainable). Yields the layer names."""
     layers = quantizable_layers(model)
     acts = nn.ModuleDict({n.replace(".", "__") or "root": ActFakeQuant(q.activation_type) for n in layers})
     model.add_module("_qat_inputs", acts)
     hooks = []
     for name, layer in layers.items():
-        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(q, out_axis(layer)))
+        axis = out_axis(layer)
+        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(q, axis, layer.weight.shape[axis],
+                                                                              learn_ranges))
         fq = acts[name.replace(".", "__") or "root"]
         hooks.append(layer.register_forward_pre_hook(lambda mod, args, fq=fq: (fq(args[0]), *args[1:])))
     frozen = _FrozenBatchNorm(model)
@@ -169,6 +213,7 @@ def fake_quantized(model: nn.Module, q: Quantization):
             h.remove()
         for layer in layers.values():
             if parametrize.is_parametrized(layer, "weight"):
+                layer.parametrizations.weight[0].clip_(layer.parametrizations.weight.original)
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
         del model._qat_inputs
 
@@ -192,20 +237,23 @@ def calibrate(model: nn.Module, data, samples: int = 256, batch_size: int = 64) 
 
 
 def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, progress=None,
-              metric=None) -> tuple[nn.Module, dict]:
+              metric=None, learn_ranges: bool = True, range_lr: float = RANGE_LR) -> tuple[nn.Module, dict]:
     """A BatchNorm-folded copy of `model` trained with `q`'s int8 simulated, distilled from `model`
-    (when ft_cfg.distill); returns the trained float model (no fake quantization left) and a
-    record: the training summary, the simulated top-1 (or `metric`, the build's UserMetric) on
-    `choose` before and after."""
+    (when ft_cfg.distill); returns the trained float model (no fake quantization left; weights
+    clipped to their learned ranges when `learn_ranges`) and a record: the training summary, the
+    simulated top-1 (or `metric`, the build's UserMetric) on `choose` before and after."""
     from ..prune.finetune import evaluate, score_name
     teacher = model.eval()
     student, folded = fold_batchnorm(model)
-    with fake_quantized(student, q) as layers:
+    with fake_quantized(student, q, learn_ranges) as layers:
         n_cal = calibrate(student, calib, q.calibration_samples)
         before = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
-        summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress, metric)
+        summary = fit(student, teacher if ft_cfg.distill else None, train, choose, ft_cfg, progress, metric,
+                      range_lr)
         after = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
+        ranges = clip_ratios(student) if learn_ranges else None
     record = {"layers": len(layers), "batchnorm_folded": folded, "calibration_samples": n_cal,
+              "weight_ranges": ranges,
               "simulated_metric": score_name(choose, metric, "top-1"),
               "simulated_top1_before": before, "simulated_top1_after": after, "finetune": summary,
               "weights": f"symmetric {q.weight_type} {weight_range(q)}, "
@@ -214,7 +262,17 @@ def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, p
     return student.eval(), record
 
 
-def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progress=None, metric=None) -> dict:
+def clip_ratios(model: nn.Module) -> dict:
+    """How far the learned weight ranges moved: the clip ratios' min, median and how many of
+    them (one per scale) went below 0.99."""
+    r = torch.cat([m.ratio.detach().reshape(-1) for m in model.modules() if isinstance(m, WeightFakeQuant)])
+    return {"rule": f"learned clip ratio (LSQ gradient, Adam), in [{MIN_RATIO}, 1] of ORT's max|w| scale",
+            "ratios": int(r.numel()), "min": round(float(r.min()), 4), "median": round(float(r.median()), 4),
+            "below_0.99": int((r < 0.99).sum())}
+
+
+def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progress=None, metric=None,
+        range_lr: float = RANGE_LR) -> dict:
     """Train the fake-quantized `student` in place; the best epoch on `choose` (simulated int8
     top-1, or `metric`, the build's UserMetric; epoch 0 = untrained included) is kept. Adam, not prune.finetune's SGD: an outlier
     channel (the case PTQ fails on) makes one weight's gradient thousands of times another's in
@@ -231,8 +289,11 @@ def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    ranges = [m for m in student.modules() if isinstance(m, WeightFakeQuant) and m.ratio.requires_grad]
+    ratio_ids = {id(m.ratio) for m in ranges}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ratio_ids]
+    groups = [{"params": params}] + ([{"params": [m.ratio for m in ranges], "lr": range_lr}] if ranges else [])
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     cached = _teacher_outputs(teacher, train, cfg.batch_size) if teacher is not None else None
@@ -266,6 +327,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, train, choose, cfg, progr
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
+                    for m in ranges:
+                        m.project_()
                     sched.step()
                     losses.append(loss.item())
                     if time.monotonic() > deadline:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..cache import hash_module
 from ..compress import qat_tflite
-from ..compress.qat import train_qat
+from ..compress.qat import RANGE_LR, train_qat
 from ..onnx_tools.export import to_onnx
 from ..onnx_tools.inspect import float_nodes
 from ..onnx_tools.qdq_tidy import tidy_qdq
@@ -58,6 +58,8 @@ class Config(BaseModel):
     epochs: int = Field(3, ge=1)
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     distill: bool = True
+    learn_ranges: bool = Field(True, description="train a clip ratio per weight scale (LSQ); false: ORT's max|w| scales")
+    range_lr: float = Field(RANGE_LR, gt=0, description="Adam learning rate of the clip ratios")
     max_minutes: float | None = Field(30.0, gt=0, description="wall-clock bound for the training")
     finetune: dict = Field(default_factory=dict, description="other edgepack.prune.FinetuneConfig keys")
 
@@ -138,7 +140,7 @@ def _train(ctx: BuildContext, cfg: Config, q, train, cand: Path) -> dict:
             f"{'per-channel' if q.scheme.per_channel else 'per-tensor'} weights; {ft.epochs} epoch(s) on {len(train)} "
             f"samples, distillation {'on' if ft.distill else 'off'})")
     trained, rec = train_qat(m.module, q.scheme, train, ctx.data.choose, ctx.data.calib, ft, ctx.progress,
-                             user_metric(ctx))
+                             user_metric(ctx), cfg.learn_ranges, cfg.range_lr)
     fp32 = ctx.work / ".qat.fp32.onnx"
     try:
         to_onnx(trained, m.example_inputs(), fp32, True, m.input_names, m.outputs, m.batchable)
@@ -272,11 +274,19 @@ def markdown(record: dict) -> str:
               f"Simulated int8 {record.get('simulated_metric') or 'top-1'} on the choosing samples (PyTorch): "
               f"{pct(record['simulated_top1_before'])} before, "
               f"{pct(record['simulated_top1_after'])} after training.", "",
+              *_ranges_markdown(record.get("weight_ranges")),
               ("`model.int8.onnx` is the QAT artifact (QDQ, the same quantizer and scheme as PTQ)." if record["replaced"]
                else "QAT did not beat PTQ on the choosing samples: `model.int8.onnx` is PTQ's.")
               + (f" Budget {record['budget']}: {'met' if record['met_budget'] else 'still NOT met'}."
                  if record.get("budget") is not None else ""), ""]
     return "\n".join(lines + _tflite_markdown(record)) + "\n"
+
+
+def _ranges_markdown(r: dict | None) -> list[str]:
+    if not r:
+        return ["Weight ranges: ORT's max|w| scales (not learned).", ""]
+    return [f"Weight ranges: {r['rule']}; {r['below_0.99']} of {r['ratios']} ratio(s) below 0.99, "
+            f"median {r['median']}, smallest {r['min']} (the exported weights are clipped to them).", ""]
 
 
 def _tflite_markdown(record: dict) -> list[str]:
