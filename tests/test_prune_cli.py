@@ -37,3 +37,25 @@ def test_prune_cli_errors_are_clear(user_model, tmp_path):
     code, _, err = run_cli(*base, "--to-latency")
     assert code == 2 and "--to-latency needs --target" in err
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_prune_cli_metric_picks_the_epoch_and_names_the_figures(user_model, tmp_path):
+    """--metric as in `build`: the epoch kept is the one the metric (here the error rate, higher is
+    better to it) scores best, and the record and report give the figures under its name; a metric
+    that does not exist is a clear error and writes nothing."""
+    (tmp_path / "m.py").write_text("def error_rate(outputs, labels):\n"
+                                   "    return float((next(iter(outputs.values())).argmax(1) != labels).mean())\n")
+    spec = f"{tmp_path / 'm.py'}:error_rate"
+    rec = tmp_path / "record.json"
+    code, stdout, err = run_cli("prune", "--model", user_model["model"], "--weights", user_model["weights"],
+                                "--input-shape", user_model["shape"], "--ratio", "0.5", "--metric", spec,
+                                "--train", user_model["calib"], "--eval", user_model["eval"], "--epochs", "2",
+                                "--patience", "5", "--out", str(tmp_path / "p.safetensors"), "--record", str(rec))
+    assert code == 0, err
+    record = json.loads(rec.read_text())
+    assert record["accuracy"]["metric"] == spec and f"Eval {spec}" in stdout
+    ft = record["finetune"][-1]
+    assert ft["eval_metric"] == spec and ft["eval_acc_after"] == max([ft["eval_acc_before"], *ft["eval_acc"]])
+    code, _, err = run_cli("prune", "--model", user_model["model"], "--input-shape", user_model["shape"],
+                           "--ratio", "0.5", "--metric", f"{tmp_path / 'm.py'}:nope", "--out", str(tmp_path / "q.safetensors"))
+    assert code == 2 and "nope" in err and not (tmp_path / "q.safetensors").exists()

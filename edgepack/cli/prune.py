@@ -23,13 +23,15 @@ def register(app: typer.Typer) -> None:
         macs_target: Optional[float] = typer.Option(None, "--macs-target", help="keep this fraction of the MACs, 0 < F < 1"),
         to_latency: bool = typer.Option(False, "--to-latency", help="search the ratio meeting the target's latency_p50_ms (measured)"),
         target: Optional[str] = typer.Option(None, "--target", "-t", help="target profile: channel rounding, threads, latency budget"),
-        importance: str = typer.Option("l2", "--importance", help="l1, l2, bn_scale, taylor or random"),
+        importance: str = typer.Option("l2", "--importance", help="l1, l2, bn_scale, taylor, entropy or random"),
         global_pruning: bool = typer.Option(False, "--global", help="rank channels across layers instead of per layer"),
         ignore: list[str] = typer.Option([], "--ignore-layer", help="module name to leave unpruned (repeatable)"),
         round_to: Optional[int] = typer.Option(None, "--round-to", help="keep channel counts multiples of N [target simd_width]"),
         steps: int = typer.Option(1, "--steps", help="iterative prune/fine-tune steps"),
         train: Optional[str] = typer.Option(None, "--train", help="training data (.npz, image folder, module:function)"),
         eval_: Optional[str] = typer.Option(None, "--eval", help="evaluation data for early stopping and the report"),
+        metric: Optional[str] = typer.Option(None, "--metric", help="file.py:function(outputs, labels) -> number, "
+                                             "higher is better: picks the epoch kept (labelled --eval) [top-1]"),
         epochs: int = typer.Option(5, "--epochs", help="fine-tuning epochs (0: prune only)"),
         lr: float = typer.Option(0.01, "--lr", help="fine-tuning learning rate (SGD, cosine schedule)"),
         batch_size: int = typer.Option(64, "--batch-size"),
@@ -74,11 +76,16 @@ def register(app: typer.Typer) -> None:
         shape = loaded.sample_specs()
         train_ds = load_dataset(train, shape, what="training data") if train else None
         eval_ds = load_dataset(eval_, shape, what="evaluation data") if eval_ else None
+        scorer = None
+        if metric:
+            from ..prune.finetune import UserMetric
+            from ..quality import load_metric
+            scorer = UserMetric(metric, load_metric(metric), tuple(loaded.outputs))
         progress = reporter(quiet, as_json)  # which step, groups k/N, fine-tuning epochs and batches
         # torch-pruning's MAC counter prints its warnings to stdout: keep them out of the JSON.
         with stdout_to_stderr(as_json):
             pruned, record = run_prune_stage(loaded.module, loaded.example_inputs(), cfg, profile,
-                                             train_ds, eval_ds, progress)
+                                             train_ds, eval_ds, progress, scorer)
         for warning in record.warnings:
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         if record.ratio == 0.0:  # a latency goal the unpruned model already meets
