@@ -10,7 +10,9 @@ training), magnitude sparsity (80%, polynomial schedule), low-rank SVD (factoriz
 scheme), fp16 (ONNX to_fp16, TFLite convert_fp16), and the pairs prune + low-rank, prune +
 clustering, prune + QAT (the second step on the seed's l2-pruned model). Fine-tuning is short
 distillation from the baseline (--ft-epochs), 3 fine-tuning seeds. The QAT goal is measured on
-the config where PTQ fails (compress_qat.py's planted outlier channels, per-tensor weights).
+the config where PTQ fails (compress_qat.py's planted outlier channels, per-tensor weights):
+qat_outliers with the stage's learned weight ranges, qat_outliers_fixed with ORT's max|w| scales
+(the control).
 
 Per artifact: MACs, parameters, fp32/int8 ONNX and int8 TFLite raw and deflate-9 size
 (edgepack.compress.size), test top-1 (4 distorted copies of the test digits, n = 1796, with the
