@@ -378,7 +378,7 @@ def merge(args) -> None:
         from edgepack.targets import load_profile
         doc = {"bench": "compress_tradeoff", "goals": R.goals({k: m["summary"] for k, m in models.items()}), "command": " ".join(sys.argv),
                "setup": {"seeds": args.seeds, "ft_epochs": args.ft_epochs, "sparse_epochs": args.sparse_epochs,
-                         "qat_epochs": args.qat_epochs, "qat_range_lr": args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate,
+                         "qat_epochs": args.qat_epochs, "qat_range_lr": L.RANGE_LR if args.qat_range_lr is None else args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate,
                          "sparsity": args.sparsity, "lr": L.LR, "slimming": L.SLIMMING, "plant": args.plant,
                          "int8_scheme": scheme_for_build(load_profile("x86"))[1], "test": "noisy digits test split x4",
                          "distill": "from the unpruned baseline (QAT: from the model it starts from)",

@@ -212,7 +212,7 @@ def qat(model, task, args, seed: int, scheme, calib, learn_ranges: bool = True):
     cfg = FinetuneConfig(epochs=args.qat_epochs, lr=LR["qat"], seed=seed, patience=2, max_minutes=args.ft_minutes,
                          distill=True, threads=1)
     trained, rec = train_qat(model, scheme, task.train, task.val, calib, cfg, learn_ranges=learn_ranges,
-                             range_lr=args.qat_range_lr or RANGE_LR)
+                             range_lr=RANGE_LR if args.qat_range_lr is None else args.qat_range_lr)
     s = rec.pop("finetune")
     return trained, {"scheme": scheme.model_dump(), "batchnorm_folded": rec["batchnorm_folded"],
                      "weight_ranges": rec["weight_ranges"],

@@ -56,6 +56,10 @@ def test_prune_cli_metric_picks_the_epoch_and_names_the_figures(user_model, tmp_
     assert record["accuracy"]["metric"] == spec and f"Eval {spec}" in stdout
     ft = record["finetune"][-1]
     assert ft["eval_metric"] == spec and ft["eval_acc_after"] == max([ft["eval_acc_before"], *ft["eval_acc"]])
-    code, _, err = run_cli("prune", "--model", user_model["model"], "--input-shape", user_model["shape"],
-                           "--ratio", "0.5", "--metric", f"{tmp_path / 'm.py'}:nope", "--out", str(tmp_path / "q.safetensors"))
-    assert code == 2 and "nope" in err and not (tmp_path / "q.safetensors").exists()
+    base = ("prune", "--model", user_model["model"], "--input-shape", user_model["shape"], "--ratio", "0.5",
+            "--out", str(tmp_path / "q.safetensors"))
+    code, _, err = run_cli(*base, "--metric", f"{tmp_path / 'm.py'}:nope", "--eval", user_model["eval"])
+    assert code == 2 and "nope" in err
+    code, _, err = run_cli(*base, "--metric", spec)  # nothing labelled to score it on
+    assert code == 2 and "labelled evaluation data" in err and "--eval" in err
+    assert not (tmp_path / "q.safetensors").exists()

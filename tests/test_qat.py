@@ -131,11 +131,12 @@ def test_weight_simulation_is_what_onnx_runtime_quantizes(untrained, tmp_path, p
         np.testing.assert_allclose(simulated, w, rtol=0, atol=1e-6 * np.abs(w).max())
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_learned_weight_ranges_are_what_onnx_runtime_quantizes_after_export(untrained, tmp_path, per_channel):
+@pytest.mark.parametrize("per_channel,reduce_range", [(False, False), (True, False), (True, True)])
+def test_learned_weight_ranges_are_what_onnx_runtime_quantizes_after_export(untrained, tmp_path, per_channel,
+                                                                           reduce_range):
     """With clip ratios below 1 (as training leaves them), the weights the simulation used are the
     int8 weights ORT's quantizer writes for the exported model: the export clips to the ratios."""
-    q = Quantization(per_channel=per_channel)
+    q = Quantization(per_channel=per_channel, reduce_range=reduce_range)
     folded, _ = fold_batchnorm(untrained["model"])
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     with fake_quantized(folded, q):
@@ -156,6 +157,32 @@ def test_learned_weight_ranges_are_what_onnx_runtime_quantizes_after_export(untr
         np.testing.assert_allclose(sim, w, rtol=0, atol=1e-5 * np.abs(w).max())
 
 
+def test_trained_ranges_move_stay_in_range_and_are_the_exported_weights(planted, tmp_path):
+    """fit on the planted outliers (per-tensor, as train_qat runs it): the ratios move below 1 and
+    stay in [0.01, 1], and ORT's QDQ file of the exported model holds exactly the weights the
+    trained simulation used (fit -> projection -> best epoch -> clip at exit -> ORT)."""
+    from edgepack.compress.qat import calibrate, clip_ratios, fit
+    q = Quantization(per_channel=False)
+    data, teacher = planted["train"], planted["model"]
+    student, _ = fold_batchnorm(teacher)
+    convs = [m for m in student.modules() if isinstance(m, nn.Conv2d)]
+    with fake_quantized(student, q):
+        calibrate(student, data)
+        summary = fit(student, teacher, data, planted["choose"],
+                      FinetuneConfig(epochs=2, lr=1e-4, patience=None, threads=1))
+        r = clip_ratios(student)
+        with torch.no_grad():
+            simulated = [c.weight.numpy().copy() for c in convs]
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] >= 1  # a trained epoch was kept
+    assert r["ratios"] == 3 and r["below_0.99"] >= 1 and 0.01 <= r["min"] <= r["median"] <= 1.0, r
+    fp32 = to_onnx(student, (torch.zeros(1, 1, 8, 8),), tmp_path / "trained.onnx")
+    quantize_onnx(fp32, tmp_path / "q.onnx", data, q, 1)
+    ort_weights = qdq_weights(tmp_path / "q.onnx")
+    assert len(ort_weights) == len(simulated) == 2
+    for sim, w in zip(simulated, ort_weights):
+        np.testing.assert_allclose(sim, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
 def test_learned_ratio_gets_a_gradient_and_stays_in_range(untrained):
     q = Quantization(per_channel=False)
     folded, _ = fold_batchnorm(untrained["model"])
@@ -167,7 +194,7 @@ def test_learned_ratio_gets_a_gradient_and_stays_in_range(untrained):
         with torch.no_grad():
             fq.ratio.fill_(3.0)
         fq.project_()
-        assert float(fq.ratio) == 1.0
+        assert float(fq.ratio.detach()) == 1.0
     with fake_quantized(folded, q, learn_ranges=False):
         assert not conv.parametrizations.weight[0].ratio.requires_grad
 

@@ -82,12 +82,13 @@ class WeightFakeQuant(nn.Module):
     trades a little error there for resolution everywhere else. `clip_()` writes the learned range
     into the weights (|w| <= ratio * max|w|), after which ORT's max-based scale is the learned one."""
 
-    def __init__(self, q: Quantization, axis: int, channels: int | None = None, learn_range: bool = True):
+    def __init__(self, q: Quantization, axis: int, channels: int | None = None, learn_range: bool = True,
+                 device: torch.device | None = None):
         super().__init__()
         self.qmin, self.qmax = weight_range(q)
         self.per_channel, self.axis, self.learn_range = q.per_channel, axis, learn_range
         shape = (channels,) if (q.per_channel and channels) else ()
-        self.ratio = nn.Parameter(torch.ones(shape), requires_grad=learn_range)
+        self.ratio = nn.Parameter(torch.ones(shape, device=device), requires_grad=learn_range)
 
     def _absmax(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -98,7 +99,10 @@ class WeightFakeQuant(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         absmax = self._absmax(w)
-        ratio = self.ratio.expand_as(absmax) if self.per_channel else self.ratio.reshape(())
+        # clamped here too (fit also projects the parameter): a loop that does not project must
+        # still simulate exactly what clip_ exports
+        ratio = self.ratio.clamp(MIN_RATIO, 1.0)
+        ratio = ratio.expand_as(absmax) if self.per_channel else ratio.reshape(())
         scale = (2 * ratio * absmax / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
         zero = torch.full_like(absmax, float(round((self.qmax + self.qmin) / 2)))
         if self.learn_range and torch.is_grad_enabled():
@@ -201,7 +205,7 @@ def fake_quantized(model: nn.Module, q: Quantization, learn_ranges: bool = True)
     for name, layer in layers.items():
         axis = out_axis(layer)
         parametrize.register_parametrization(layer, "weight", WeightFakeQuant(q, axis, layer.weight.shape[axis],
-                                                                              learn_ranges))
+                                                                              learn_ranges, layer.weight.device))
         fq = acts[name.replace(".", "__") or "root"]
         hooks.append(layer.register_forward_pre_hook(lambda mod, args, fq=fq: (fq(args[0]), *args[1:])))
     frozen = _FrozenBatchNorm(model)
@@ -252,6 +256,8 @@ def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, p
                       range_lr)
         after = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
         ranges = clip_ratios(student) if learn_ranges else None
+        if ranges is not None and not folded:  # clipped before the export folds BatchNorm
+            ranges["note"] = "BatchNorm not folded: ORT's scales of the folded weights are not exactly the learned ones"
     record = {"layers": len(layers), "batchnorm_folded": folded, "calibration_samples": n_cal,
               "weight_ranges": ranges,
               "simulated_metric": score_name(choose, metric, "top-1"),
@@ -262,10 +268,13 @@ def train_qat(model: nn.Module, q: Quantization, train, choose, calib, ft_cfg, p
     return student.eval(), record
 
 
-def clip_ratios(model: nn.Module) -> dict:
+def clip_ratios(model: nn.Module) -> dict | None:
     """How far the learned weight ranges moved: the clip ratios' min, median and how many of
-    them (one per scale) went below 0.99."""
-    r = torch.cat([m.ratio.detach().reshape(-1) for m in model.modules() if isinstance(m, WeightFakeQuant)])
+    them (one per scale) went below 0.99; None without a quantized layer."""
+    found = [m.ratio.detach().reshape(-1) for m in model.modules() if isinstance(m, WeightFakeQuant)]
+    if not found:
+        return None
+    r = torch.cat(found).clamp(MIN_RATIO, 1.0)
     return {"rule": f"learned clip ratio (LSQ gradient, Adam), in [{MIN_RATIO}, 1] of ORT's max|w| scale",
             "ratios": int(r.numel()), "min": round(float(r.min()), 4), "median": round(float(r.median()), 4),
             "below_0.99": int((r < 0.99).sum())}

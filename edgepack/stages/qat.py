@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..cache import hash_module
-from ..compress import qat_tflite
+from ..compress import qat as qat_fit, qat_tflite
 from ..compress.qat import RANGE_LR, train_qat
 from ..onnx_tools.export import to_onnx
 from ..onnx_tools.inspect import float_nodes
@@ -186,9 +186,12 @@ def run_tflite(ctx: BuildContext, cfg: Config, train) -> dict:
         return rec
     calib = ctx.data.calib.sample(n_cal, seed=0)  # the tflite stage's calibration samples
     metric_files, metric = ctx.metric_key()
-    key = ctx.cache.key(f"{NAME}-tflite", config={**cfg.model_dump(), "layout": layout, "calibration_samples": n_cal,
+    # learn_ranges/range_lr are the ONNX route's (PT2E has its own observers); fit lives in compress/qat.py
+    onnx_only = {"learn_ranges", "range_lr"}
+    key = ctx.cache.key(f"{NAME}-tflite", config={**cfg.model_dump(exclude=onnx_only), "layout": layout, "calibration_samples": n_cal,
                                                   "inputs": [s.model_dump() for s in m.inputs], "route": qat_tflite.ROUTE},
-                        files=[Path(qat_tflite.__file__), *metric_files], blobs=[hash_module(m.module), metric],
+                        files=[Path(qat_tflite.__file__), Path(qat_fit.__file__), *metric_files],
+                        blobs=[hash_module(m.module), metric],
                         versions=ctx.versions,
                         data=f"{calib.fingerprint()}-{choose.fingerprint()}-{train.fingerprint()}")
     stored = ctx.restore(f"{NAME} (TFLite)", key)
