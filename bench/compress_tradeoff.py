@@ -62,7 +62,7 @@ def args_parser():
     p.add_argument("--ft-epochs", type=int, default=1)
     p.add_argument("--sparse-epochs", type=int, default=2, help="magnitude sparsity: epochs its schedule ramps over")
     p.add_argument("--qat-epochs", type=int, default=2)
-    p.add_argument("--qat-range-lr", type=float, default=None, help="Adam lr of QAT's weight clip ratios "
+    p.add_argument("--qat-range-lr", type=float, default=L.RANGE_LR, help="Adam lr of QAT's weight clip ratios "
                    "(default: edgepack.compress.qat.RANGE_LR, the stage's)")
     p.add_argument("--ft-minutes", type=float, default=6.0, help="cap per fine-tuning run")
     p.add_argument("--macs-target", type=float, default=0.5)
@@ -139,7 +139,7 @@ def run_model(name: str, args, profile, scheme, choice) -> None:
     ref_fp32, ref_int8 = L.unpack(base["correct"]["fp32"]), L.unpack(base["correct"]["int8.onnx"])
     log(f"{name}: baseline fp32 {base['top1']['fp32']['top1']}, int8 {base['top1']['int8.onnx']['top1']}, "
         f"{base['macs']:,} MACs")
-    methods = [m for m in args.methods.split(",") if m and not (m.startswith("qat_outliers") and name != "resnet18")]
+    methods = [m for m in args.methods.split(",") if m and not (L.planted(m) and name != "resnet18")]
 
     def maybe_latency(wait: bool):
         if first and not args.no_tflite and not L.conversions_done(work) and not L.processes(name, converter=True):
@@ -203,7 +203,7 @@ def method_row(m, seed, name, teacher, task, calib, args, profile, scheme, work,
     if m in PAIRS:  # the second step starts from this seed's l2-pruned, fine-tuned model
         start = torch.load(work / "models" / f"prune_l2-s{seed}.pt", weights_only=False).eval()
         ptq = L.unpack(state["rows"][f"prune_l2/s{seed}"]["correct"]["int8.onnx"])
-    if m.startswith("qat_outliers"):
+    if L.planted(m):
         start = plant_outliers(teacher, args.plant).eval()
         scheme = Quantization(scheme="fixed", activation_type="QUInt8", weight_type="QInt8", per_channel=False)
         ref_fp32 = L.correct_torch(start, task.test)
@@ -232,7 +232,7 @@ def method_row(m, seed, name, teacher, task, calib, args, profile, scheme, work,
     # same layer shapes run the same dense XNNPACK kernels whatever the weight values (clustered,
     # sparse, QAT-trained); such a method's LiteRT figures are those of the file it shares shapes with.
     sig, arch = str(tuple(L.macs_params(model).values())), state.setdefault("tflite_arch", {})
-    convert = seed == 0 and not m.startswith("qat_outliers") and sig not in arch and not args.no_tflite
+    convert = seed == 0 and not L.planted(m) and sig not in arch and not args.no_tflite
     paths = L.export(model, work / "art" / f"{m}-s{seed}", calib, scheme, tflite=False)
     if convert:  # converted by the converter process meanwhile; timed and scored with the latency loop
         arch[sig] = m
@@ -249,8 +249,8 @@ def method_row(m, seed, name, teacher, task, calib, args, profile, scheme, work,
            "sizes": L.sizes(paths), "top1": top1, "correct": {k: L.pack(c) for k, c in correct.items()},
            "drop_fp32_vs_baseline": L.paired_drop(ref_fp32, correct["fp32"]),
            "drop_int8_vs_plain_int8": L.paired_drop(ref_int8, correct["int8.onnx"]),
-           "litert_as": arch.get(sig) if seed == 0 and not m.startswith("qat_outliers") else None}
-    if m.startswith("qat_outliers"):
+           "litert_as": arch.get(sig) if seed == 0 and not L.planted(m) else None}
+    if L.planted(m):
         row["ptq_drop"] = L.paired_drop(ref_fp32, ptq)
         row["qat_drop"] = L.paired_drop(ref_fp32, correct["int8.onnx"])
         d0, d1 = row["ptq_drop"]["drop"], row["qat_drop"]["drop"]
@@ -309,7 +309,7 @@ def latency(state: dict, args) -> dict:
     b = state["baseline"]["paths"]
     paths = {f"baseline|{k}": Path(p) for k, p in b.items()}
     for key, row in state["rows"].items():
-        if key.endswith("/s0") and "paths" in row and not row["method"].startswith("qat_outliers"):
+        if key.endswith("/s0") and "paths" in row and not L.planted(row["method"]):
             paths.update({f"{row['method']}|{k}": Path(p) for k, p in row["paths"].items()})
     rounds, runs = (2, 5) if args.tiny else (args.rounds, args.runs)
     load0 = list(os.getloadavg())
@@ -378,7 +378,7 @@ def merge(args) -> None:
         from edgepack.targets import load_profile
         doc = {"bench": "compress_tradeoff", "goals": R.goals({k: m["summary"] for k, m in models.items()}), "command": " ".join(sys.argv),
                "setup": {"seeds": args.seeds, "ft_epochs": args.ft_epochs, "sparse_epochs": args.sparse_epochs,
-                         "qat_epochs": args.qat_epochs, "qat_range_lr": L.RANGE_LR if args.qat_range_lr is None else args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate,
+                         "qat_epochs": args.qat_epochs, "qat_range_lr": args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate,
                          "sparsity": args.sparsity, "lr": L.LR, "slimming": L.SLIMMING, "plant": args.plant,
                          "int8_scheme": scheme_for_build(load_profile("x86"))[1], "test": "noisy digits test split x4",
                          "distill": "from the unpruned baseline (QAT: from the model it starts from)",

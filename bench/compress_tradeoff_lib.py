@@ -23,7 +23,7 @@ from fixtures.zoo import mobilenet_v2, resnet18  # noqa: E402
 
 from edgepack.compress.cluster import cluster, clusters_kept  # noqa: E402
 from edgepack.compress.lowrank import factorize_rounded  # noqa: E402
-from edgepack.compress.qat import RANGE_LR, train_qat  # noqa: E402
+from edgepack.compress.qat import RANGE_LR, train_qat  # noqa: E402,F401  (RANGE_LR: the CLI's default)
 from edgepack.compress.size import compressed_sizes  # noqa: E402
 from edgepack.compress.sparsity import magnitude_sparsify  # noqa: E402
 from edgepack.onnx_tools.export import to_onnx  # noqa: E402
@@ -205,6 +205,12 @@ def sparsify(model, teacher, task, args, seed: int, profile):
     return student, {"target": args.sparsity, "schedule": rec.schedule, "finetune": _ft(s)}, None
 
 
+def planted(method: str) -> bool:
+    """The QAT goal's rows (qat_outliers, and qat_outliers_fixed, its control): planted outliers,
+    per-tensor weights, ResNet-18 only, no LiteRT file, judged against their own PTQ."""
+    return method.startswith("qat_outliers")
+
+
 def qat(model, task, args, seed: int, scheme, calib, learn_ranges: bool = True):
     """train_qat (the qat stage's route: BatchNorm folded, the scheme simulated, distillation from
     `model`, Adam, learned weight ranges unless not `learn_ranges`); the artifact is the trained
@@ -212,7 +218,7 @@ def qat(model, task, args, seed: int, scheme, calib, learn_ranges: bool = True):
     cfg = FinetuneConfig(epochs=args.qat_epochs, lr=LR["qat"], seed=seed, patience=2, max_minutes=args.ft_minutes,
                          distill=True, threads=1)
     trained, rec = train_qat(model, scheme, task.train, task.val, calib, cfg, learn_ranges=learn_ranges,
-                             range_lr=RANGE_LR if args.qat_range_lr is None else args.qat_range_lr)
+                             range_lr=args.qat_range_lr)
     s = rec.pop("finetune")
     return trained, {"scheme": scheme.model_dump(), "batchnorm_folded": rec["batchnorm_folded"],
                      "weight_ranges": rec["weight_ranges"],

@@ -62,10 +62,10 @@ def summarize(state: dict) -> dict:
         e["top1"] = {k: L.mean_se([r["top1"][k]["top1"] if r["top1"].get(k) else None for r in rows])
                      for k in ("before_ft", "fp32", "int8.onnx", "int8.tflite")}
         e["drop_fp32_vs_baseline_fp32"] = drop_stats(rows, ref["fp32"], "fp32")
-        e["drop_int8_vs_plain_int8"] = drop_stats(rows, ref["int8.onnx"], "int8.onnx") if not m.startswith("qat_outliers") else None
+        e["drop_int8_vs_plain_int8"] = drop_stats(rows, ref["int8.onnx"], "int8.onnx") if not L.planted(m) else None
         if "int8.tflite" in s0["correct"]:
             e["drop_litert_int8_vs_plain_litert_int8_seed0"] = L.paired_drop(ref["int8.tflite"], L.unpack(s0["correct"]["int8.tflite"]))
-        if m.startswith("qat_outliers"):
+        if L.planted(m):
             e["ptq_drop"] = L.mean_se([r["ptq_drop"]["drop"] for r in rows])
             e["qat_drop"] = L.mean_se([r["qat_drop"]["drop"] for r in rows])
             e["fraction_recovered"] = L.mean_se([r["fraction_recovered"] for r in rows])
@@ -195,7 +195,7 @@ def plot(doc: dict, path: Path) -> None:
             pts = [("baseline fp32", b["deflate_bytes"]["fp32.onnx"], lat.get("fp32.onnx"), b["top1"]["fp32"]["top1"], 0, "o"),
                    ("plain int8", b["deflate_bytes"]["int8.onnx"], lat.get("int8.onnx"), b["top1"]["int8.onnx"]["top1"], 0, "s"),
                    ("fp16", b["deflate_bytes"]["fp16.onnx"], lat.get("fp16.onnx"), b["top1"]["fp16.onnx"]["top1"], 0, "D")]
-            for i, (m, e) in enumerate((m, e) for m, e in s.items() if m not in ("baseline", "fp16", "qat_outliers", "qat_outliers_fixed")):
+            for i, (m, e) in enumerate((m, e) for m, e in s.items() if m not in ("baseline", "fp16") and not L.planted(m)):
                 if "top1" not in e:
                     continue
                 drop = e.get("drop_int8_vs_plain_int8") or {}
