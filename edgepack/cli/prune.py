@@ -77,10 +77,10 @@ def register(app: typer.Typer) -> None:
         train_ds = load_dataset(train, shape, what="training data") if train else None
         eval_ds = load_dataset(eval_, shape, what="evaluation data") if eval_ else None
         scorer = None
-        if metric and (eval_ds is None or eval_ds.y is None):
-            raise EdgepackError("--metric scores the fine-tuning on labelled evaluation data, and there is none",
-                                "pass --eval with labels (x and y), or leave out --metric")
         if metric:
+            if eval_ds is None or eval_ds.y is None:
+                raise EdgepackError("--metric scores the fine-tuning on labelled evaluation data, and there is none",
+                                    "pass --eval with labels (x and y), or leave out --metric")
             from ..prune.finetune import UserMetric
             from ..quality import load_metric
             scorer = UserMetric(metric, load_metric(metric), tuple(loaded.outputs))

@@ -86,7 +86,7 @@ class WeightFakeQuant(nn.Module):
                  device: torch.device | None = None):
         super().__init__()
         self.qmin, self.qmax = weight_range(q)
-        self.per_channel, self.axis, self.learn_range = q.per_channel, axis, learn_range
+        self.per_channel, self.axis = q.per_channel, axis
         shape = (channels,) if (q.per_channel and channels) else ()
         self.ratio = nn.Parameter(torch.ones(shape, device=device), requires_grad=learn_range)
 
@@ -105,7 +105,7 @@ class WeightFakeQuant(nn.Module):
         ratio = ratio.expand_as(absmax) if self.per_channel else ratio.reshape(())
         scale = (2 * ratio * absmax / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
         zero = torch.full_like(absmax, float(round((self.qmax + self.qmin) / 2)))
-        if self.learn_range and torch.is_grad_enabled():
+        if self.ratio.requires_grad and torch.is_grad_enabled():
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(w, scale.float(), zero, self.axis,
                                                                          self.qmin, self.qmax)
