@@ -21,9 +21,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # fixtures: the zoo and the task
 from fixtures.tasks import noisy_digits, train_baseline  # noqa: E402
 from fixtures.zoo import mobilenet_v2, resnet18  # noqa: E402
 
-from edgepack.compress.cluster import cluster, clusters_kept  # noqa: E402
+from edgepack.compress.cluster_steps import cluster_and_finetune  # noqa: E402
 from edgepack.compress.lowrank import factorize_rounded  # noqa: E402
 from edgepack.compress.qat import RANGE_LR, train_qat  # noqa: E402,F401  (RANGE_LR: the CLI's default)
+from edgepack.compress.sensitivity import weight_sensitivity  # noqa: E402
 from edgepack.compress.size import compressed_sizes  # noqa: E402
 from edgepack.compress.sparsity import magnitude_sparsify  # noqa: E402
 from edgepack.onnx_tools.export import to_onnx  # noqa: E402
@@ -186,17 +187,25 @@ def lowrank(model, teacher, task, args, seed: int, profile, epochs: int | None =
 
 
 def clustered(model, teacher, task, args, seed: int, profile, scheme):
-    import inspect
+    """The cluster stage's route (cluster_and_finetune) with the stage's defaults for what the bench
+    does not set; the sensitivity on the training inputs, as the stage measures it with --train."""
     from edgepack.stages.cluster import Config, resolve  # the build's [compress.cluster] defaults, whatever they are now
-    cfg = resolve(Config(clusters=args.clusters, rate=args.cluster_rate), scheme)
-    accepted = inspect.signature(cluster).parameters
-    options = {k: v for k, v in cfg.model_dump().items() if k in accepted and k not in ("module", "finetune")}
-    student, rec = cluster(copy.deepcopy(model), **options)
-    before = correct_torch(student, task.test)
-    with clusters_kept(student, rec):
-        s = finetune(student, teacher, task.train, task.val, ft_config(args, seed, "cluster"))
-    return student, {"options": options, "clustered_layers": len(rec.layers), "skipped": rec.skipped,
-                     "finetune": _ft(s)}, before
+    cfg = resolve(Config(clusters=args.clusters, rate=args.cluster_rate, steps=getattr(args, "cluster_steps", 1),
+                         rate_by=getattr(args, "cluster_rate_by", "uniform")), scheme)
+    options = {k: getattr(cfg, k) for k in ("per_channel", "init", "seed", "scaled", "rate", "qmax")}
+    sensitivity = weight_sensitivity(model, task.train, seed=cfg.seed) if cfg.rate and cfg.rate_by == "sensitivity" \
+        else None
+    before = {}
+
+    def score(m):  # the test top-1 once every layer is clustered, before the last fine-tuning
+        before["c"] = correct_torch(m, task.test)
+    student, rec, steps = cluster_and_finetune(copy.deepcopy(model), teacher, task.train, task.val,
+                                               ft_config(args, seed, "cluster"), cfg.clusters, cfg.skip, cfg.steps,
+                                               sensitivity, score=score, **options)
+    return student, {"options": {**options, "clusters": cfg.clusters, "skip": cfg.skip, "rate_by": cfg.rate_by,
+                                 "steps": cfg.steps},
+                     "clustered_layers": len(rec.layers), "skipped": rec.skipped,
+                     "step_weights": [st["weights"] for st in steps], "finetune": _ft(steps[-1]["finetune"])}, before["c"]
 
 
 def sparsify(model, teacher, task, args, seed: int, profile):

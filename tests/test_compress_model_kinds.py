@@ -115,6 +115,13 @@ def test_clustered_layers_hold_k_values_in_torch_and_in_onnx(built, files, kind)
     rec = b["manifest"]["stages"]["cluster"]
     k, per_layer = rec["clusters"], not (rec["per_channel"] or rec.get("scaled"))
     assert rec["layers"], rec
+    # entropy-constrained, each layer's rate weighted by its sensitivity on the training inputs
+    assert rec["rate_by"] == "sensitivity" and rec["sensitivity_samples"] > 0, rec
+    assert len({layer["rate"] for layer in rec["layers"]}) > 1 and all(0 <= layer["rate"] <= 1 for layer in rec["layers"])
+    # in two groups, least sensitive first, fine-tuned after each
+    assert len(rec["steps"]) == 2 and sum(s["weights"] for s in rec["steps"]) == rec["clustered_weights"], rec["steps"]
+    assert all(s["finetune"]["epochs_run"] == 1 for s in rec["steps"])
+    assert "clustered in 2 steps" in (b["path"] / "report.md").read_text()
     weights = weights_of(b["module"])
     for layer in rec["layers"]:
         w = weights[layer["name"]].numpy()

@@ -183,3 +183,16 @@ def test_fp16_keeps_what_is_beyond_its_range_in_float32(tmp_path):
     got = ort_run(result.path / "model.fp16.onnx", {"features": x})
     assert_close(got, [want], FP16_ATOL, ["output"], "model.fp16.onnx")
     assert "|x| up to" in (result.path / "report.md").read_text()
+
+
+def test_cluster_rate_and_steps_from_the_cli(files, tmp_path):
+    """--cluster-rate and --cluster-steps reach the stage: the regressor clustered in two groups,
+    each layer's rate weighted by its sensitivity."""
+    import json
+    code, _, err = cli_build(files, "regress", tmp_path / "b", "--clusters", "8", "--cluster-rate", "0.05",
+                             "--cluster-steps", "2", "--cluster-epochs", "1")
+    assert code == 0, err
+    (manifest,) = (tmp_path / "b").glob("*/manifest.json")  # the build directory is named after model and target
+    rec = json.loads(manifest.read_text())["stages"]["cluster"]
+    assert rec["rate"] == 0.05 and rec["rate_by"] == "sensitivity" and len(rec["steps"]) == 2, rec
+    assert rec["finetune"]["epochs_run"] == 1

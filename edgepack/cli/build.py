@@ -73,13 +73,12 @@ def _floats(flag: str, text: str | None) -> list[float] | None:
         raise EdgepackError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs, clusters, cluster_skip,
-                     cluster_epochs, fp16, sparsity: dict, qat: dict) -> dict | None:
+def _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs, cluster: dict, fp16,
+                     sparsity: dict, qat: dict) -> dict | None:
     """The [compress] tables the flags given ask for (merged over the config file's, key by key)."""
     given = {"lowrank": {"energy": lowrank_energy, "macs_target": lowrank_macs, "skip": lowrank_skip or None,
                          "epochs": lowrank_epochs},
-             "cluster": {"clusters": clusters, "skip": cluster_skip or None,
-                         "finetune": {"epochs": cluster_epochs} if cluster_epochs is not None else None},
+             "cluster": cluster,
              "fp16": {} if fp16 else None, "sparsity": sparsity, "qat": qat}
     tables = {}
     for stage, opts in given.items():
@@ -157,6 +156,8 @@ def register(app: typer.Typer) -> None:
         clusters: Optional[int] = typer.Option(None, "--clusters", help="weight clustering: each Conv/Linear layer's weights share K values (2-256; 16 is usual)"),
         cluster_skip: list[str] = typer.Option([], "--cluster-skip", help="leave this layer (name or fnmatch pattern) unclustered (repeatable)"),
         cluster_epochs: Optional[int] = typer.Option(None, "--cluster-epochs", help="distillation epochs after clustering [3]"),
+        cluster_steps: Optional[int] = typer.Option(None, "--cluster-steps", help="cluster the layers in this many groups, least sensitive first, fine-tuning after each (1-8) [1]"),
+        cluster_rate: Optional[float] = typer.Option(None, "--cluster-rate", help="entropy-constrained clustering: fewer bits per weight for more error, 0..1 [0]; each layer's rate is weighted by its output sensitivity ([compress.cluster] rate_by)"),
         slimming_l1: Optional[float] = typer.Option(None, "--slimming-l1", help="network slimming: sparsity training with this L1 penalty on BatchNorm scales before pruning"),
         slimming_epochs: Optional[int] = typer.Option(None, "--slimming-epochs", help="sparsity-training epochs before pruning"),
         slimming_on: Optional[str] = typer.Option(None, "--slimming-on", help="what the sparsity penalty shrinks: bn_scale (BatchNorm scales) or group_norm"),
@@ -183,7 +184,10 @@ def register(app: typer.Typer) -> None:
             "slimming": slimming or None,
         }.items() if v is not None} or None
         compress_cfg = _compress_tables(lowrank_energy, lowrank_macs, lowrank_skip, lowrank_epochs,
-                                        clusters, cluster_skip, cluster_epochs, fp16,
+                                        {"clusters": clusters, "skip": cluster_skip or None, "rate": cluster_rate,
+                                         "steps": cluster_steps,
+                                         "finetune": {"epochs": cluster_epochs} if cluster_epochs is not None else None},
+                                        fp16,
                                         {"target": sparsity, "epochs": sparsity_epochs},
                                         {"always": qat or None, "epochs": qat_epochs})
         data_cfg = {k: v for k, v in {"mean": _floats("--mean", mean), "std": _floats("--std", std),

@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import EdgepackError
+from .sensitivity import layer_rates
 
 MAX_CLUSTERS = 256  # int8 holds 256 values: more clusters could not share anything
 INITS = ("linear", "kmeans++")
@@ -64,6 +65,7 @@ class LayerClusters:
     clusters: int  # centroids in use (<= k: empty clusters are dropped)
     distinct: int  # distinct weight values after clustering: per layer (per channel when scaled)
     rel_error: float  # ||w - centroid(w)|| / ||w||
+    rate: float = 0.0  # the entropy-constrained k-means rate this layer got (`layer_rates`)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class ClusterRecord:
     init: str
     scaled: bool = False
     rate: float = 0.0
+    rate_by: str = "uniform"  # or "sensitivity": each layer's rate weighted by how much it moves the outputs
     qmax: int = INT8_MAX  # the int8 grid scaled centroids sit on (multiples of 1/qmax of a channel's max)
     layers: list[LayerClusters] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
@@ -85,7 +88,7 @@ class ClusterRecord:
 
     def to_dict(self) -> dict:
         return {"clusters": self.clusters, "per_channel": self.per_channel, "scaled": self.scaled, "rate": self.rate,
-                "init": self.init, "qmax": self.qmax,
+                "rate_by": self.rate_by, "init": self.init, "qmax": self.qmax,
                 "clustered_layers": len(self.layers), "clustered_weights": self.clustered_weights,
                 "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
 
@@ -223,15 +226,42 @@ def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: i
     return centroids, index, scale
 
 
+def eligible_layers(layers: dict[str, nn.Module], k: int, skip) -> tuple[dict[str, nn.Module], list[dict]]:
+    """(the layers `cluster` clusters, [{"layer", "reason"}] of those it leaves alone)."""
+    seen: dict[int, str] = {}
+    chosen, skipped = {}, []
+    for name, layer in layers.items():
+        weight = layer.weight
+        reason = None
+        if any(fnmatch.fnmatchcase(name, p) for p in skip):
+            reason = "skipped by the configuration"
+        elif id(weight) in seen:
+            reason = f"shares its weight with {seen[id(weight)]} (clustered there)"
+        elif weight.numel() < k:
+            reason = f"too small: {weight.numel()} weights, fewer than {k} clusters"
+        elif parametrize.is_parametrized(layer, "weight"):
+            reason = "its weight is already parametrized"
+        seen.setdefault(id(weight), name)
+        if reason:
+            skipped.append({"layer": name, "reason": reason})
+        else:
+            chosen[name] = layer
+    return chosen, skipped
+
+
 def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = False, init: str = "linear",
             seed: int = 0, scaled: bool = False, rate: float = 0.0,
-            qmax: int = INT8_MAX) -> tuple[nn.Module, ClusterRecord]:
+            qmax: int = INT8_MAX, sensitivity: dict | None = None,
+            rates: dict[str, float] | None = None) -> tuple[nn.Module, ClusterRecord]:
     """Cluster every Conv/Linear weight of `module` in place (see the module docstring); returns
     (module, record). `skip` holds layer names or fnmatch patterns left as they are. Layers with
     fewer weights than `clusters` are skipped, with the reason in the record. `scaled`: one
     codebook per layer times each output channel's max |w| (at most k values per channel, and
     the same k int8 codes in every channel: the int8 file compresses best), snapped to multiples of
-    1/`qmax` (the int8 scheme's largest weight code: 64 with reduce_range)."""
+    1/`qmax` (the int8 scheme's largest weight code: 64 with reduce_range). `sensitivity`
+    (edgepack.compress.sensitivity.weight_sensitivity, by layer name) weights each layer's
+    `rate` by how much its weights move the outputs (`layer_rates`); `rates` gives each layer's rate
+    as it is (layer_rates of the whole model, when clustering it a group of layers at a time)."""
     k = check_clusters(clusters)
     if scaled and per_channel:
         raise EdgepackError("cluster: `scaled` and `per_channel` exclude each other",
@@ -251,28 +281,25 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
         raise EdgepackError(f"cluster rate must be a number from 0 to 1, not {rate!r}",
                             "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
     qmax = check_qmax(qmax)
-    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax)
-    seen: dict[int, str] = {}
-    for name, layer in layers.items():
-        weight = layer.weight
-        reason = None
-        if any(fnmatch.fnmatchcase(name, p) for p in skip):
-            reason = "skipped by the configuration"
-        elif id(weight) in seen:
-            reason = f"shares its weight with {seen[id(weight)]} (clustered there)"
-        elif weight.numel() < k:
-            reason = f"too small: {weight.numel()} weights, fewer than {k} clusters"
-        elif parametrize.is_parametrized(layer, "weight"):
-            reason = "its weight is already parametrized"
-        seen.setdefault(id(weight), name)
-        if reason:
-            record.skipped.append({"layer": name, "reason": reason})
-            continue
+    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax,
+                           rate_by="sensitivity" if rate and (sensitivity is not None or rates is not None) else "uniform")
+    chosen, record.skipped = eligible_layers(layers, k, skip)
+    given = sensitivity if rates is None else rates
+    if rate and given is not None:
+        missing = [n for n in chosen if n not in given]
+        if missing:
+            raise EdgepackError(f"cluster: no {'sensitivity' if rates is None else 'rate'} for layer(s) "
+                                f"{', '.join(missing[:4])}",
+                                "weight_sensitivity(model, data) gives one entry per Conv/Linear layer")
+    if rates is None or not rate:
+        rates = layer_rates(chosen, rate, sensitivity, scaled)
+    for name, layer in chosen.items():
+        weight, r = layer.weight, rates[name]
         if scaled:
-            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed, rate, qmax)
+            centroids, index, scale = _scaled_codebook(weight, k, out_axis(layer), init, seed, r, qmax)
             new = (centroids[index] * scale).to(weight.dtype)
         else:
-            centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed, rate)
+            centroids, index = _layer_codebook(weight, k, per_channel, out_axis(layer), init, seed, r)
             new, scale = centroids[index].to(weight.dtype), None
         record.codebooks[name] = (centroids.to(weight.dtype), index, scale)
         err = float((weight.detach() - new).norm() / weight.detach().norm().clamp(min=1e-30))
@@ -280,7 +307,7 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
             weight.copy_(new)
         distinct = distinct_per_channel(new.movedim(out_axis(layer), 0).reshape(new.shape[out_axis(layer)], -1).numpy()) \
             if scaled else int(torch.unique(new).numel())
-        record.layers.append(LayerClusters(name, weight.numel(), len(centroids), distinct, round(err, 5)))
+        record.layers.append(LayerClusters(name, weight.numel(), len(centroids), distinct, round(err, 5), round(r, 6)))
     return module, record
 
 

@@ -15,13 +15,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..compress.cluster import (INITS, INT8_MAX, check_clusters, check_qmax, cluster, clusterable_layers,
-                                clusters_kept, distinct_per_channel, distinct_values, int8_codes, out_axis)
+from ..compress.cluster import (INITS, INT8_MAX, check_clusters, check_qmax, clusterable_layers, distinct_per_channel,
+                                distinct_values, int8_codes, out_axis)
+from ..compress.cluster_steps import MAX_STEPS, cluster_and_finetune
 from ..compress.qat import scheme_qmax
+from ..compress.sensitivity import SAMPLES, weight_sensitivity
 from ..compress.size import deflate_len
 from ..data import Preprocess, load_dataset
 from ..errors import EdgepackError
-from ..prune import FinetuneConfig, evaluate, finetune
+from ..prune import FinetuneConfig, evaluate
 from ..prune.finetune import score_name
 from ..prune.record import format_score
 from . import quantize
@@ -45,8 +47,13 @@ class Config(BaseModel):
                                                   "the same k int8 codes in every channel (default: on unless per_channel)")
     rate: float = Field(RATE_DEFAULT, ge=0, le=1, description="entropy-constrained k-means: weight of the code length "
                                                             "(0: plain k-means; larger: fewer bits, more error)")
+    rate_by: Literal["sensitivity", "uniform"] = Field(
+        "sensitivity", description="rate > 0: 'sensitivity' weights each layer's rate by how much its weights move the "
+                                   "outputs (measured on the training or choosing inputs); 'uniform': one rate for all")
     qmax: int | None = Field(None, description="scaled: the int8 grid centroids snap to (multiples of 1/qmax of a channel's "
                                                 "max); default: the build's int8 scheme's, 64 with reduce_range, else 127")
+    steps: int = Field(1, ge=1, le=MAX_STEPS, description="cluster the layers in this many groups of about equal "
+                                                          "weight count, least sensitive first, fine-tuning after each")
     init: Literal[INITS] = "linear"
     seed: int = 0
     finetune: dict = Field(default_factory=dict, description="edgepack.prune.FinetuneConfig keys")
@@ -84,17 +91,19 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     student = copy.deepcopy(teacher)
     say(f"clustering weights: {cfg.clusters} values per {'output channel' if cfg.per_channel else 'layer'}"
         f"{' (scaled per channel)' if cfg.scaled else ''} ({cfg.init} k-means"
-        f"{f', entropy-constrained at rate {cfg.rate:g}' if cfg.rate else ''})")
-    student, rec = cluster(student, cfg.clusters, cfg.skip, cfg.per_channel, cfg.init, cfg.seed, cfg.scaled, cfg.rate,
-                           cfg.qmax)
-    if not rec.layers:
-        raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
-                            "lower `clusters`, or skip fewer layers")
+        f"{f', entropy-constrained at rate {cfg.rate:g}' if cfg.rate else ''}"
+        f"{', weighted by layer sensitivity' if cfg.rate and cfg.rate_by == 'sensitivity' else ''})")
+    sensitivity, measured_on = None, 0
+    if cfg.rate and cfg.rate_by == "sensitivity":  # inputs only: the training split, else the choosing one
+        samples = train if train is not None and len(train) else choose
+        if samples is None or not len(samples):
+            raise EdgepackError("[compress.cluster] rate_by = \"sensitivity\" needs input samples to measure the layers on",
+                                "give --train (or evaluation/calibration data), or set rate_by = \"uniform\"")
+        sensitivity, measured_on = weight_sensitivity(teacher, samples, seed=cfg.seed), min(SAMPLES, len(samples))
     ft_cfg = FinetuneConfig.model_validate({**FINETUNE_DEFAULTS, **cfg.finetune})
     metric = user_metric(ctx)
     scored = score_name(choose, metric, "top-1")
     acc_before = evaluate(teacher, choose, ft_cfg.batch_size, metric=metric)
-    acc_clustered = evaluate(student, choose, ft_cfg.batch_size, metric=metric)
     if train is None:
         say("warning: no --train data: clustering without fine-tuning, accuracy will drop")
 
@@ -103,9 +112,15 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
         say(f"  cluster fine-tuning: epoch {info['epoch']}/{info['epochs']}, loss {info['loss']:.4g}"
             + (f", choosing {scored} {format_score(acc, scored)}" if acc is not None else ""))
 
-    with clusters_kept(student, rec):
-        summary = finetune(student, teacher, train, choose, ft_cfg, progress, metric=metric)
-    for w in summary["warnings"]:
+    student, rec, steps = cluster_and_finetune(
+        student, teacher, train, choose, ft_cfg, cfg.clusters, cfg.skip, cfg.steps, sensitivity, progress, metric,
+        lambda m: evaluate(m, choose, ft_cfg.batch_size, metric=metric),
+        per_channel=cfg.per_channel, init=cfg.init, seed=cfg.seed, scaled=cfg.scaled, rate=cfg.rate, qmax=cfg.qmax)
+    if not rec.layers:
+        raise EdgepackError("no layer could be clustered: " + "; ".join(f"{s['layer']}: {s['reason']}" for s in rec.skipped),
+                            "lower `clusters`, or skip fewer layers")
+    summary, acc_clustered = steps[-1]["finetune"], steps[-1]["clustered"]
+    for w in dict.fromkeys(w for step in steps for w in step["finetune"]["warnings"]):
         say(f"warning: {w}")
     names = [layer.name for layer in rec.layers]
     if rec.scaled:  # k values times each channel's max: the int8 codes of a layer are what is shared
@@ -121,6 +136,9 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
               "accuracy": {"samples": len(choose), "metric": scored, "before": acc_before,
                            "clustered": acc_clustered,
                            "finetuned": summary["eval_acc_after"] if summary["epochs_run"] else acc_clustered},
+              "sensitivity_samples": measured_on or None,
+              "steps": [{k: v for k, v in step.items() if k != "finetune"} | {"finetune": _brief(step["finetune"])}
+                        for step in steps],
               "int8_weights": int8_weight_sizes(teacher, student, [layer.name for layer in rec.layers], rec.qmax)}
     for layer in record["layers"]:
         layer["distinct_after_finetune"] = distinct[layer["name"]]
@@ -130,6 +148,10 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     say(f"clustered {len(rec.layers)} layer(s) ({rec.clustered_weights:,} weights); their int8 weights deflate to "
         f"{est['deflate_bytes_after']:,} bytes, from {est['deflate_bytes_before']:,}")
     return record
+
+
+def _brief(summary: dict) -> dict:
+    return {k: summary.get(k) for k in ("epochs_run", "seconds", "best_epoch", "eval_acc_before", "eval_acc_after")}
 
 
 def training_data(ctx: BuildContext):
@@ -159,15 +181,22 @@ def int8_weight_sizes(before, after, names: list[str], qmax: int = INT8_MAX) -> 
 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
+    steps = record.get("steps") or [{}]
+    step_text = "" if len(steps) < 2 else (
+        f"clustered in {len(steps)} steps, least sensitive layers first "
+        f"({' then '.join(format(step['weights'], ',') for step in steps)} weights), each followed by fine-tuning; ")
     pct = (lambda v: format_score(v, acc.get("metric"), "n/a"))
+    weighting = f", weighted per layer by output sensitivity ({record['sensitivity_samples']} samples)" \
+        if record.get("rate") and record.get("rate_by") == "sensitivity" else ""
     scope = "output channel" if record["per_channel"] else \
         ("layer, scaled by each channel's max |w|" if record["scaled"] else "layer")
     lines = ["## Weight clustering", "",
              f"{record['clusters']} shared values per {scope} ({record['init']} k-means"
-             f"{', entropy-constrained, rate ' + format(record['rate'], 'g') if record.get('rate') else ''}) in "
+             f"{', entropy-constrained, rate ' + format(record['rate'], 'g') if record.get('rate') else ''}"
+             f"{weighting}) in "
              f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
-             f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s), distillation "
-             f"{'on' if ft['distill'] else 'off'}).", "",
+             + step_text + f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s){' in the last step' if len(steps) > 1 else ''}, "
+             f"distillation {'on' if ft['distill'] else 'off'}).", "",
              f"| {acc.get('metric') or 'top-1'} on {acc['samples']} choosing samples | before clustering | clustered | "
              "fine-tuned |",
              "|---|---:|---:|---:|",
