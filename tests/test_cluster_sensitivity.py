@@ -188,3 +188,13 @@ def test_bad_step_counts_are_refused():
     for steps in (0, 9, 1.5, True):
         with pytest.raises(EdgepackError, match="steps must be a whole number from 1 to 8"):
             cluster_and_finetune(small_classifier(), None, None, None, FinetuneConfig(epochs=0), 8, steps=steps)
+
+
+def test_steps_with_one_rate_are_recorded_as_uniform():
+    from edgepack.prune import FinetuneConfig
+    model = small_classifier()
+    _, rec, steps = cluster_and_finetune(model, None, None, None, FinetuneConfig(epochs=0), 8, steps=2,
+                                         scaled=True, rate=0.05)
+    assert len(steps) == 2 and rec.rate_by == "uniform" and {layer.rate for layer in rec.layers} == {0.05}
+    # one rate for all: the larger layers first
+    assert steps[0]["layers"] == ["3"] and steps[1]["layers"] == ["0", "8"]

@@ -282,7 +282,7 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
                             "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
     qmax = check_qmax(qmax)
     record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax,
-                           rate_by="sensitivity" if rate and (sensitivity is not None or rates is not None) else "uniform")
+                           rate_by="sensitivity" if rate and sensitivity is not None else "uniform")
     chosen, record.skipped = eligible_layers(layers, k, skip)
     given = sensitivity if rates is None else rates
     if rate and given is not None:

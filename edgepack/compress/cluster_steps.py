@@ -20,8 +20,9 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import EdgepackError
 from ..prune import FinetuneConfig, finetune
-from .cluster import ClusterRecord, attach, cluster, clusterable_layers, eligible_layers, strip
+from .cluster import ClusterRecord, attach, check_clusters, cluster, clusterable_layers, eligible_layers, strip
 from .sensitivity import layer_rates
 
 MAX_STEPS = 8
@@ -52,9 +53,9 @@ def cluster_and_finetune(module: nn.Module, teacher: nn.Module | None, train, ev
     clustered, before its fine-tuning), "finetune" (the summary)}] per step). The weights are
     plain tensors afterwards, whatever happens."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        from ..errors import EdgepackError
         raise EdgepackError(f"cluster steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}",
                             "1 clusters every layer at once; 2 clusters the least sensitive half first")
+    clusters = check_clusters(clusters)
     layers = clusterable_layers(module)
     chosen, skipped = eligible_layers(layers, clusters, list(skip or ()))
     rates = layer_rates(chosen, options.get("rate", 0.0), sensitivity, options.get("scaled", False))
