@@ -73,6 +73,8 @@ def args_parser():
     p.add_argument("--cluster-rate-by", choices=("sensitivity", "uniform"), default="sensitivity",
                    help="each layer's rate weighted by its output sensitivity (the build's default) or one rate for all "
                         "(what every JSON before session 12 used)")
+    p.add_argument("--lowrank-multiple", type=int, default=None,
+                   help="low-rank ranks in multiples of this (default: the x86 profile's simd_width, 16; the rpi profile's is 8)")
     p.add_argument("--cluster-steps", type=int, default=1,
                    help="cluster the layers in this many groups, least sensitive first, fine-tuning --ft-epochs after each")
     p.add_argument("--sparsity", type=float, default=0.8)
@@ -383,7 +385,7 @@ def merge(args) -> None:
         from edgepack.targets import load_profile
         doc = {"bench": "compress_tradeoff", "goals": R.goals({k: m["summary"] for k, m in models.items()}), "command": " ".join(sys.argv),
                "setup": {"seeds": args.seeds, "ft_epochs": args.ft_epochs, "sparse_epochs": args.sparse_epochs,
-                         "qat_epochs": args.qat_epochs, "qat_range_lr": args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate, "cluster_rate_by": args.cluster_rate_by, "cluster_steps": args.cluster_steps,
+                         "qat_epochs": args.qat_epochs, "qat_range_lr": args.qat_range_lr, "macs_target": args.macs_target, "clusters": args.clusters, "cluster_rate": args.cluster_rate, "cluster_rate_by": args.cluster_rate_by, "cluster_steps": args.cluster_steps, "lowrank_multiple": args.lowrank_multiple,
                          "sparsity": args.sparsity, "lr": L.LR, "slimming": L.SLIMMING, "plant": args.plant,
                          "int8_scheme": scheme_for_build(load_profile("x86"))[1], "test": "noisy digits test split x4",
                          "distill": "from the unpruned baseline (QAT: from the model it starts from)",

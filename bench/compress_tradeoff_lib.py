@@ -179,7 +179,8 @@ def prune(model, teacher, task, args, seed: int, importance: str, profile):
 
 
 def lowrank(model, teacher, task, args, seed: int, profile, epochs: int | None = None):
-    student, rec = factorize_rounded(model, X, profile.simd_width, macs_target=args.macs_target)
+    student, rec = factorize_rounded(model, X, getattr(args, "lowrank_multiple", None) or profile.simd_width,
+                                     macs_target=args.macs_target)
     before = correct_torch(student, task.test)
     s = finetune(student, teacher, task.train, task.val, ft_config(args, seed, "lowrank", epochs))
     return student, {"rank_multiple": rec["rank_multiple"], "layers_factorized": len(rec["layers"]),

@@ -52,13 +52,14 @@ def test_sensitivity_is_the_gauss_newton_diagonal():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3, bias=False))
     data = features(2048, [1, 2, 4, 8])
+    before = copy.deepcopy(model.state_dict())
+    model[0].weight.requires_grad_(False)  # a frozen layer: measured all the same, and left frozen
     sens = weight_sensitivity(model, data, samples=2048, batch_size=64)["0"]
     assert sens.shape == model[0].weight.shape
     ratios = (sens / sens[:, :1]).mean(0)
     assert np.allclose(ratios.numpy(), [1, 4, 16, 64], rtol=0.2), ratios
-    before = copy.deepcopy(model.state_dict())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # ran on a copy
-    assert model[0].weight.grad is None
+    assert not model[0].weight.requires_grad and model[0].weight.grad is None
 
 
 def test_layer_rates_follow_sensitivity():
@@ -69,6 +70,8 @@ def test_layer_rates_follow_sensitivity():
     layers = clusterable_layers(model)
     assert set(layer_rates(layers, 0.05, None, True).values()) == {0.05}
     rates = layer_rates(layers, 0.05, sens, scaled=True)
+    with pytest.raises(EdgepackError, match="no sensitivity for layer"):
+        layer_rates(layers, 0.05, {"loud": sens["loud"]}, scaled=True)
     # equal weights, 10^4 apart in sensitivity; the geometric mean sits between them (x10^-2, x10^2)
     assert rates["loud"] == pytest.approx(0.05 / 100, rel=0.2)
     assert rates["quiet"] == 1.0  # 0.05 x 100 = 5, capped: a bit costs the whole variance
@@ -198,3 +201,34 @@ def test_steps_with_one_rate_are_recorded_as_uniform():
     assert len(steps) == 2 and rec.rate_by == "uniform" and {layer.rate for layer in rec.layers} == {0.05}
     # one rate for all: the larger layers first
     assert steps[0]["layers"] == ["3"] and steps[1]["layers"] == ["0", "8"]
+
+
+def test_outputs_count_alike_and_constant_ones_are_left_out():
+    """Two heads of one trunk: a 1-number head and a 64-number head scaled by 1000. Divided by
+    spread and size, each head's own layer gets the same sensitivity; a head that is constant in
+    the batch (ReLU of a large negative bias) adds nothing, instead of dividing by zero."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.small, self.big, self.dead = nn.Linear(16, 1), nn.Linear(16, 64), nn.Linear(16, 4)
+            with torch.no_grad():
+                self.big.weight.copy_(self.small.weight.repeat(64, 1))
+                self.dead.bias.fill_(-1e3)
+
+        def forward(self, x):
+            return self.small(x), self.big(x) * 1000, torch.relu(self.dead(x))
+    sens = weight_sensitivity(Heads(), features(512, [1.0] * 16), samples=512)
+    per_weight = {n: float(t.sum()) / (1 if n == "small" else 64) for n, t in sens.items() if n != "dead"}
+    assert per_weight["big"] == pytest.approx(per_weight["small"] / 64, rel=0.25)  # same head total
+    assert float(sens["big"].sum()) == pytest.approx(float(sens["small"].sum()), rel=0.25)
+    assert float(sens["dead"].abs().max()) == 0.0 and all(torch.isfinite(t).all() for t in sens.values())
+
+
+def test_the_samples_are_a_random_subset_not_the_first_rows():
+    """Rows sorted by class (an image folder): the first 128 of 256 would all be one class."""
+    model = nn.Sequential(nn.Linear(2, 1, bias=False))
+    x, rng = np.zeros((256, 2), np.float32), np.random.default_rng(0)
+    x[:128, 0], x[128:, 1] = rng.standard_normal(128), rng.standard_normal(128)  # each half feeds one weight
+    sens = weight_sensitivity(model, Dataset(x, None, "sorted", []), samples=128)["0"][0]
+    assert float(sens[0]) > 0 and float(sens[1]) > 0

@@ -190,6 +190,13 @@ def _layer_codebook(weight: torch.Tensor, k: int, per_channel: bool, axis: int, 
     return torch.cat(books), index.movedim(0, axis).contiguous()
 
 
+def check_rate(rate) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise EdgepackError(f"cluster rate must be a number from 0 to 1, not {rate!r}",
+                            "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
+    return float(rate)
+
+
 def check_qmax(qmax) -> int:
     if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= INT8_MAX:
         raise EdgepackError(f"cluster qmax must be an integer from 1 to {INT8_MAX}, not {qmax!r}",
@@ -224,6 +231,12 @@ def _scaled_codebook(weight: torch.Tensor, k: int, axis: int, init: str, seed: i
     if a is not None:
         index[is_inner] = a + 1
     return centroids, index, scale
+
+
+def rate_weighting(rate: float, sensitivity: dict | None, rates: dict[str, float]) -> str:
+    """What the record says of the rates: "sensitivity" when they were weighted and came out
+    different (all sensitivities zero gives one rate for all: "uniform")."""
+    return "sensitivity" if rate and sensitivity is not None and len(set(rates.values())) > 1 else "uniform"
 
 
 def eligible_layers(layers: dict[str, nn.Module], k: int, skip) -> tuple[dict[str, nn.Module], list[dict]]:
@@ -277,22 +290,17 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
     if unmatched:
         raise EdgepackError(f"cluster skip {', '.join(map(repr, unmatched))} names no Conv/Linear layer of the model",
                             f"layer names look like {', '.join(list(layers)[:4])}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-        raise EdgepackError(f"cluster rate must be a number from 0 to 1, not {rate!r}",
-                            "0 is plain k-means; 0.03 trades ~0.4 bit per weight for more error")
+    check_rate(rate)
     qmax = check_qmax(qmax)
-    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax,
-                           rate_by="sensitivity" if rate and sensitivity is not None else "uniform")
+    record = ClusterRecord(clusters=k, per_channel=per_channel, init=init, scaled=scaled, rate=float(rate), qmax=qmax)
     chosen, record.skipped = eligible_layers(layers, k, skip)
-    given = sensitivity if rates is None else rates
-    if rate and given is not None:
-        missing = [n for n in chosen if n not in given]
-        if missing:
-            raise EdgepackError(f"cluster: no {'sensitivity' if rates is None else 'rate'} for layer(s) "
-                                f"{', '.join(missing[:4])}",
-                                "weight_sensitivity(model, data) gives one entry per Conv/Linear layer")
     if rates is None or not rate:
         rates = layer_rates(chosen, rate, sensitivity, scaled)
+    missing = [n for n in chosen if n not in rates]
+    if missing:
+        raise EdgepackError(f"cluster: no rate for layer(s) {', '.join(missing[:4])}",
+                            "`rates` comes from layer_rates over every layer to be clustered")
+    record.rate_by = rate_weighting(rate, sensitivity, rates)
     for name, layer in chosen.items():
         weight, r = layer.weight, rates[name]
         if scaled:
@@ -307,7 +315,7 @@ def cluster(module: nn.Module, clusters: int = 16, skip=(), per_channel: bool = 
             weight.copy_(new)
         distinct = distinct_per_channel(new.movedim(out_axis(layer), 0).reshape(new.shape[out_axis(layer)], -1).numpy()) \
             if scaled else int(torch.unique(new).numel())
-        record.layers.append(LayerClusters(name, weight.numel(), len(centroids), distinct, round(err, 5), round(r, 6)))
+        record.layers.append(LayerClusters(name, weight.numel(), len(centroids), distinct, round(err, 5), float(f"{r:.4g}")))
     return module, record
 
 

@@ -16,13 +16,15 @@ half ended at 84.1%.
 """
 from __future__ import annotations
 
+import glob
 from typing import Callable
 
 from torch import nn
 
 from ..errors import EdgepackError
 from ..prune import FinetuneConfig, finetune
-from .cluster import ClusterRecord, attach, check_clusters, cluster, clusterable_layers, eligible_layers, strip
+from .cluster import (ClusterRecord, attach, check_clusters, check_rate, cluster, clusterable_layers, eligible_layers,
+                      rate_weighting, strip)
 from .sensitivity import layer_rates
 
 MAX_STEPS = 8
@@ -30,7 +32,8 @@ MAX_STEPS = 8
 
 def step_groups(layers: dict[str, nn.Module], rates: dict[str, float], steps: int) -> list[list[str]]:
     """`layers` cut into at most `steps` groups of about equal weight count, in order of decreasing
-    rate (the least sensitive first; ties: the larger layer first). A layer goes to the group its
+    rate (with sensitivity-weighted rates the least sensitive first; with one rate for all, and
+    on ties, the larger layer first). A layer goes to the group its
     first weight falls in, so a layer holding most of the weights makes fewer groups."""
     order = sorted(layers, key=lambda n: (-rates[n], -layers[n].weight.numel()))
     total = sum(layers[n].weight.numel() for n in order)
@@ -55,15 +58,15 @@ def cluster_and_finetune(module: nn.Module, teacher: nn.Module | None, train, ev
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise EdgepackError(f"cluster steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}",
                             "1 clusters every layer at once; 2 clusters the least sensitive half first")
-    clusters = check_clusters(clusters)
+    clusters, rate = check_clusters(clusters), check_rate(options.get("rate", 0.0))
     layers = clusterable_layers(module)
     chosen, skipped = eligible_layers(layers, clusters, list(skip or ()))
-    rates = layer_rates(chosen, options.get("rate", 0.0), sensitivity, options.get("scaled", False))
+    rates = layer_rates(chosen, rate, sensitivity, options.get("scaled", False))
     groups = step_groups(chosen, rates, steps) if chosen else [[]]
     records, done = [], []
     try:
         for i, group in enumerate(groups):
-            others = [n for n in layers if n not in group]
+            others = [glob.escape(n) for n in layers if n not in group]  # skip takes fnmatch patterns
             _, rec = cluster(module, clusters, list(skip or ()) + others if len(groups) > 1 else skip,
                              sensitivity=sensitivity, rates=rates if len(groups) > 1 else None, **options)
             if not rec.layers:
@@ -77,7 +80,9 @@ def cluster_and_finetune(module: nn.Module, teacher: nn.Module | None, train, ev
                          "clustered": clustered, "finetune": summary})
     finally:
         strip(module)
-    return module, merged(records, layers, skipped), done
+    out = merged(records, layers, skipped)
+    out.rate_by = rate_weighting(rate, sensitivity, rates)
+    return module, out, done
 
 
 def merged(records: list[ClusterRecord], layers: dict, skipped: list[dict]) -> ClusterRecord:

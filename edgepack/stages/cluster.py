@@ -132,9 +132,13 @@ def run(ctx: BuildContext, cfg: Config) -> dict:
     if broken:  # the parametrization makes this impossible; fail closed if it ever is not
         raise EdgepackError(f"clustered layers lost their clusters during fine-tuning: {broken}")
     ctx.model = replace(loaded, module=student.eval())
-    record = {**rec.to_dict(), "finetune": summary,
+    record = {**rec.to_dict(), "finetune": summary,  # the last step's; each step's in "steps"
+              "finetune_total": {"epochs_run": sum(st["finetune"]["epochs_run"] for st in steps),
+                                 "seconds": round(sum(st["finetune"]["seconds"] for st in steps), 2)},
               "accuracy": {"samples": len(choose), "metric": scored, "before": acc_before,
                            "clustered": acc_clustered,
+                           "clustered_when": "every layer clustered, before fine-tuning" if len(steps) < 2 else
+                           "after the last group was clustered, before its fine-tuning (the groups before: fine-tuned)",
                            "finetuned": summary["eval_acc_after"] if summary["epochs_run"] else acc_clustered},
               "sensitivity_samples": measured_on or None,
               "steps": [{k: v for k, v in step.items() if k != "finetune"} | {"finetune": _brief(step["finetune"])}
@@ -182,8 +186,9 @@ def int8_weight_sizes(before, after, names: list[str], qmax: int = INT8_MAX) -> 
 def markdown(record: dict) -> str:
     acc, est, ft = record["accuracy"], record["int8_weights"], record["finetune"]
     steps = record.get("steps") or [{}]
+    order = "least sensitive layers first" if record.get("rate_by") == "sensitivity" else "largest layers first"
     step_text = "" if len(steps) < 2 else (
-        f"clustered in {len(steps)} steps, least sensitive layers first "
+        f"clustered in {len(steps)} steps, {order} "
         f"({' then '.join(format(step['weights'], ',') for step in steps)} weights), each followed by fine-tuning; ")
     pct = (lambda v: format_score(v, acc.get("metric"), "n/a"))
     weighting = f", weighted per layer by output sensitivity ({record['sensitivity_samples']} samples)" \
@@ -197,7 +202,8 @@ def markdown(record: dict) -> str:
              f"{record['clustered_layers']} Conv/Linear layer(s), {record['clustered_weights']:,} weights; "
              + step_text + f"fine-tuned with the assignment kept ({ft['epochs_run']} epoch(s){' in the last step' if len(steps) > 1 else ''}, "
              f"distillation {'on' if ft['distill'] else 'off'}).", "",
-             f"| {acc.get('metric') or 'top-1'} on {acc['samples']} choosing samples | before clustering | clustered | "
+             f"| {acc.get('metric') or 'top-1'} on {acc['samples']} choosing samples | before clustering | "
+             f"{'clustered' if len(steps) < 2 else 'all clustered, before the last step fine-tuned'} | "
              "fine-tuned |",
              "|---|---:|---:|---:|",
              f"| | {pct(acc['before'])} | {pct(acc['clustered'])} | {pct(acc['finetuned'])} |", "",
