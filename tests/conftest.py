@@ -40,6 +40,16 @@ MYNET = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch at one thread for a test: two threads on the loaded 2-core test machine ran
+    fine-tuning 50x slower than one. Used as `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_stage_cache(tmp_path_factory):
     """Tests never read or fill the user's own stage cache (~/.cache/edgepack)."""

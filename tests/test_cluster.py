@@ -21,13 +21,7 @@ from edgepack.targets import load_profile
 from fixtures.zoo import mobilenet_v2, resnet18
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads on the loaded 2-core test machine ran fine-tuning 50x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def small_net(classes: int = 4) -> nn.Module:

@@ -16,12 +16,7 @@ from edgepack.data import Dataset
 from edgepack.errors import EdgepackError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def features(n: int, scales, seed: int = 0) -> Dataset:

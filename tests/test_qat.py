@@ -35,12 +35,7 @@ CLASSES = [str(i) for i in range(10)]
 OUTLIER = 100.0  # channels 0-1 of the first conv times this, the second conv's inputs from them divided
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def build_net() -> nn.Module:
