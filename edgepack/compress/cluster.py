@@ -50,12 +50,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import EdgepackError
+from .cluster_int8 import (INT8_MAX, distinct_per_channel, int8_codes, int8_distinct_per_channel,  # noqa: F401
+                          int8_distinct_per_tensor)
 from .sensitivity import layer_rates
 
 MAX_CLUSTERS = 256  # int8 holds 256 values: more clusters could not share anything
 INITS = ("linear", "kmeans++")
 KMEANS_ITERS = 50
-INT8_MAX = 127
 
 
 @dataclass
@@ -404,52 +405,3 @@ def distinct_values(module: nn.Module, names=None) -> dict[str, int]:
     """Distinct weight values per layer (all clusterable layers, or those named)."""
     layers = clusterable_layers(module)
     return {n: int(torch.unique(layers[n].weight.detach()).numel()) for n in (names or layers)}
-
-
-def int8_codes(weight: torch.Tensor, axis: int = 0, qmax: int = INT8_MAX) -> np.ndarray:
-    """The int8 values ONNX Runtime's symmetric per-channel weight quantization gives `weight`
-    (scale = max |w| / qmax per output channel; qmax 64 with reduce_range): what the stage can
-    say before export."""
-    w = weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
-    scale = (w.abs().amax(1, keepdim=True) / qmax).clamp(min=1e-30)
-    return torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8).numpy()
-
-
-def distinct_per_channel(codes: np.ndarray) -> int:
-    """The largest number of distinct values in one row (output channel) of (C, n) codes."""
-    return max((len(np.unique(row)) for row in codes), default=0)
-
-
-def int8_distinct_per_channel(onnx_path) -> dict[str, int]:
-    """Per int8 weight initializer of an ONNX model (those a DequantizeLinear reads), the largest
-    number of distinct int8 values in one output channel (the DequantizeLinear's axis)."""
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(onnx_path))
-    inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[node.input[0]])
-        if w.dtype != np.int8 or w.ndim < 2:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        out[node.input[0]] = distinct_per_channel(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1))
-    return out
-
-
-def int8_distinct_per_tensor(onnx_path) -> dict[str, int]:
-    """Per int8 weight initializer of an ONNX model (those a DequantizeLinear reads), its number of
-    distinct int8 values: at most k for a layer clustered with `scaled` (one set of codes)."""
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(onnx_path))
-    inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            w = numpy_helper.to_array(inits[node.input[0]])
-            if w.dtype == np.int8 and w.ndim >= 2:
-                out[node.input[0]] = int(len(np.unique(w)))
-    return out
