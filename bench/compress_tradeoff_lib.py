@@ -179,7 +179,7 @@ def prune(model, teacher, task, args, seed: int, importance: str, profile):
 
 
 def lowrank(model, teacher, task, args, seed: int, profile, epochs: int | None = None):
-    student, rec = factorize_rounded(model, X, getattr(args, "lowrank_multiple", None) or profile.simd_width,
+    student, rec = factorize_rounded(model, X, args.lowrank_multiple or profile.simd_width,
                                      macs_target=args.macs_target)
     before = correct_torch(student, task.test)
     s = finetune(student, teacher, task.train, task.val, ft_config(args, seed, "lowrank", epochs))
@@ -191,8 +191,8 @@ def clustered(model, teacher, task, args, seed: int, profile, scheme):
     """The cluster stage's route (cluster_and_finetune) with the stage's defaults for what the bench
     does not set; the sensitivity on the training inputs, as the stage measures it with --train."""
     from edgepack.stages.cluster import Config, resolve  # the build's [compress.cluster] defaults, whatever they are now
-    cfg = resolve(Config(clusters=args.clusters, rate=args.cluster_rate, steps=getattr(args, "cluster_steps", 1),
-                         rate_by=getattr(args, "cluster_rate_by", "uniform")), scheme)
+    cfg = resolve(Config(clusters=args.clusters, rate=args.cluster_rate, steps=args.cluster_steps,
+                         rate_by=args.cluster_rate_by), scheme)
     options = {k: getattr(cfg, k) for k in ("per_channel", "init", "seed", "scaled", "rate", "qmax")}
     sensitivity = weight_sensitivity(model, task.train, seed=cfg.seed) if cfg.rate and cfg.rate_by == "sensitivity" \
         else None

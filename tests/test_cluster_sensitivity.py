@@ -227,3 +227,17 @@ def test_the_samples_are_a_random_subset_not_the_first_rows():
     x[:128, 0], x[128:, 1] = rng.standard_normal(128), rng.standard_normal(128)  # each half feeds one weight
     sens = weight_sensitivity(model, Dataset(x, None, "sorted", []), samples=128)["0"][0]
     assert float(sens[0]) > 0 and float(sens[1]) > 0
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_skipped_layers_keep_their_own_reasons(steps):
+    """A layer too small to cluster and one skipped by name are reported as such, whatever the steps
+    (not as "skipped by the configuration", how a step leaves the other groups for later)."""
+    from edgepack.prune import FinetuneConfig
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1, bias=False),
+                          nn.Linear(1, 4))
+    _, rec, done = cluster_and_finetune(model, None, None, None, FinetuneConfig(epochs=0), 8, skip=["2"], steps=steps,
+                                        scaled=True, rate=0.05)
+    assert [layer.name for layer in rec.layers] == ["0", "4"] and len(done) == min(steps, 2)
+    assert rec.skipped == [{"layer": "2", "reason": "skipped by the configuration"},
+                           {"layer": "5", "reason": "too small: 4 weights, fewer than 8 clusters"}]

@@ -67,8 +67,8 @@ def cluster_and_finetune(module: nn.Module, teacher: nn.Module | None, train, ev
     try:
         for i, group in enumerate(groups):
             others = [glob.escape(n) for n in layers if n not in group]  # skip takes fnmatch patterns
-            _, rec = cluster(module, clusters, list(skip or ()) + others if len(groups) > 1 else skip,
-                             sensitivity=sensitivity, rates=rates if len(groups) > 1 else None, **options)
+            _, rec = cluster(module, clusters, list(skip or ()) + others, sensitivity=sensitivity, rates=rates,
+                             **options)
             if not rec.layers:
                 return module, rec, []
             attach(module, rec)
@@ -89,8 +89,6 @@ def merged(records: list[ClusterRecord], layers: dict, skipped: list[dict]) -> C
     """One record for the groups: every clustered layer in the model's order; `skipped`: the
     layers `cluster` leaves alone in one step, with its reasons (not those a group left for later)."""
     rec = records[0]
-    if len(records) == 1:
-        return rec
     by_name = {layer.name: layer for r in records for layer in r.layers}
     out = ClusterRecord(clusters=rec.clusters, per_channel=rec.per_channel, init=rec.init, scaled=rec.scaled,
                         rate=rec.rate, rate_by=rec.rate_by, qmax=rec.qmax)
